@@ -1,0 +1,53 @@
+"""Tensor ops for Vision Transformer Pruning, each a Triton kernel with a PyTorch twin.
+
+Every op dispatches through :mod:`vtp_kernels.backend` (``"auto" | "triton" | "torch"``,
+env ``VTP_BACKEND``). The PyTorch definitions live in :mod:`vtp_kernels.reference`.
+This package knows nothing about models.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+from .backend import BACKENDS, get_backend, set_backend, use_backend, use_triton
+
+__all__ = [
+    "BACKENDS", "get_backend", "set_backend", "use_backend",
+    "gated_linear", "layer_norm_gather", "packed_attention", "reference",
+]
+
+
+def gated_linear(
+    x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``(x * gate) @ weight.T + bias`` for x of shape ``[..., K]``; see ``reference.gated_linear``."""
+    if use_triton("gated_linear", x):
+        from .gated_linear import gated_linear_triton
+        return gated_linear_triton(x, weight, gate, bias)
+    return reference.gated_linear(x, weight, gate, bias)
+
+
+def layer_norm_gather(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over all of x's last dim, emitting only columns ``index``; see the reference."""
+    if use_triton("layer_norm_gather", x):
+        from .layer_norm_gather import layer_norm_gather_triton
+        return layer_norm_gather_triton(x, index, weight, bias, eps)
+    return reference.layer_norm_gather(x, index, weight, bias, eps)
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None
+) -> torch.Tensor:
+    """Attention over heads with per-head value widths (packed V); see the reference."""
+    if use_triton("packed_attention", q):
+        from .packed_attention import packed_attention_triton
+        return packed_attention_triton(q, k, v, v_widths, scale)
+    return reference.packed_attention(q, k, v, tuple(v_widths), scale)

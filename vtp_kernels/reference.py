@@ -1,0 +1,93 @@
+"""Pure-PyTorch definitions of every op in ``vtp_kernels``.
+
+These are the oracle the Triton kernels are tested against, and the ``torch``
+backend that runs wherever Triton does not (CPU, other accelerators, debugging).
+They are written for clarity first and only then for speed; autograd provides
+their backward passes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["gated_linear", "layer_norm_gather", "packed_attention"]
+
+
+def gated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = (x * gate) @ weight.T + bias``.
+
+    x: ``[..., K]``; weight: ``[N, K]``; gate: ``[K]``; bias: ``[N]`` or None.
+    The gate scales the columns of the weight rather than the activations:
+    the two are equal, and ``weight * gate`` costs N*K instead of M*K.
+    """
+    return F.linear(x, weight * gate, bias)
+
+
+def layer_norm_gather(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the full last dim of ``x``, returning only the columns in ``index``.
+
+    x: ``[..., D]``; index: int64 ``[k]`` (values in ``[0, D)``); weight, bias: ``[k]``
+    (the affine parameters of the kept columns only) or None. Returns ``[..., k]``.
+    Mean and variance are over all D columns, exactly as the unpruned LayerNorm.
+    """
+    y = F.layer_norm(x, (x.shape[-1],), None, None, eps).index_select(-1, index)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    v_widths: Sequence[int],
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Softmax attention whose heads have different value widths.
+
+    q, k: ``[B, H, N, D]``; v: ``[B, N, sum(v_widths)]`` with head ``h``'s values
+    packed at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``. A width may be 0.
+    Returns ``[B, N, sum(v_widths)]`` packed the same way, ready for the output
+    projection. ``scale`` defaults to ``D ** -0.5``.
+
+    Computed by scattering V into a zero-padded ``[B, H, N, max(v_widths)]`` tensor,
+    one ``scaled_dot_product_attention`` call, and gathering the kept columns back.
+    """
+    B, H, N, D = q.shape
+    widths = [int(w) for w in v_widths]
+    if len(widths) != H:
+        raise ValueError(f"v_widths: expected {H} entries (one per head of q), got {len(widths)}")
+    total = sum(widths)
+    if v.shape[:2] != (B, N) or v.shape[-1] != total:
+        raise ValueError(f"v: expected shape [{B}, {N}, {total}], got {list(v.shape)}")
+    if scale is None:
+        scale = D ** -0.5
+    width = max(widths, default=0)
+    if total == 0:
+        return v.new_zeros(B, N, 0)
+    pad_index = _pad_index(widths, width, v.device)
+    v_pad = v.new_zeros(B, N, H * width).index_copy(-1, pad_index, v)
+    v_pad = v_pad.view(B, N, H, width).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v_pad, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, H * width).index_select(-1, pad_index)
+
+
+def _pad_index(widths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+    """Column of each packed value inside the ``[H * width]`` padded layout."""
+    cols = [h * width + j for h, w in enumerate(widths) for j in range(w)]
+    return torch.tensor(cols, dtype=torch.long, device=device)
