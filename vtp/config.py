@@ -1,0 +1,414 @@
+"""Flags and YAML configs of the ``vtp`` command.
+
+Every stage is an argparse sub-command. A YAML file given with ``--config`` supplies values
+for any of that stage's flags (keys are flag names, ``-`` or ``_`` alike); flags given on the
+command line win over the file. The resolved settings of a run are written next to its
+outputs (``config.yaml``) and can be fed back with ``--config``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "VTPError", "SPARSE_DEFAULTS", "FINETUNE_DEFAULTS", "HelpFormatter",
+    "add_data_args", "add_model_args", "add_train_args", "add_prune_args", "add_eval_args",
+    "add_system_args", "add_output_args", "add_config_arg", "apply_yaml_config",
+    "load_yaml_config", "resolved_config", "write_config", "model_kwargs_from_args",
+]
+
+
+class VTPError(Exception):
+    """A problem the user can fix (bad input, missing file, diverged run): one clean message."""
+
+
+# The VTP paper trains with the sparsity penalty from a trained DeiT for 100 epochs with
+# lr 6.25e-6 and lambda 1e-4. The paper does not tie that lr to a batch size; here it is the
+# base lr for a global batch of 512 (lr = base * global_batch / 512, as every lr below).
+SPARSE_DEFAULTS = dict(epochs=100, lr=6.25e-6, warmup_epochs=0, min_lr=0.0, lam=1e-4)
+# Fine-tuning the pruned model follows the DeiT recipe: lr 5e-4 per 512 images, 5 warm-up
+# epochs, cosine to 1e-5. 100 epochs; shorten with --epochs when compute is short.
+FINETUNE_DEFAULTS = dict(epochs=100, lr=5e-4, warmup_epochs=5, min_lr=1e-5, lam=0.0)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default and keeps the hand-wrapped descriptions and epilogs."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _json_dict(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"qkv_bias\": false}'")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag groups. Each stage's parser is assembled from these; `defaults` carries per-stage values.
+
+
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="YAML", default=None,
+        help="YAML file of flag values (keys are flag names); flags on the command line win")
+
+
+def add_output_args(parser: argparse.ArgumentParser, stage: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--output", "-o", metavar="DIR", default=None,
+        help=f"run directory to write; default runs/{stage}-<date>-<time>")
+
+
+def add_data_args(parser: argparse.ArgumentParser, train: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", metavar="DIR", default=None,
+        help="ImageFolder root holding one sub-folder per split (class folders inside each)")
+    if train:
+        group.add_argument("--train-split", default="train", help="training sub-folder of --data")
+    group.add_argument("--val-split", default="val", help="validation sub-folder of --data")
+    group.add_argument(
+        "--synthetic", action="store_true",
+        help="random images instead of --data, for throughput runs and smoke tests")
+    if train:
+        group.add_argument("--synthetic-size", type=_positive_int, default=12800,
+                           help="number of synthetic training images per epoch")
+    group.add_argument("--synthetic-val-size", type=_non_negative_int, default=1000,
+                       help="number of synthetic validation images")
+    group.add_argument(
+        "--num-classes", type=_positive_int, default=None,
+        help="classes of the classifier; default: number of class folders (1000 if --synthetic)")
+    group.add_argument(
+        "--img-size", type=_positive_int, default=None,
+        help="input resolution (model and data); default: the model's own")
+    group.add_argument("--workers", "-j", type=_non_negative_int, default=8,
+                       help="data-loading processes per training process")
+    group.add_argument("--crop-pct", type=float, default=0.875,
+                       help="evaluation centre-crop fraction (DeiT: 224/256)")
+    group.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic"),
+                       help="resize interpolation for training and evaluation")
+    if not train:
+        return
+    aug = parser.add_argument_group("augmentation (DeiT recipe)")
+    aug.add_argument("--no-aug", action="store_true",
+                     help="no training augmentation at all: no random crop, flip, RandAugment, "
+                          "erasing, mixup/cutmix (label smoothing still applies)")
+    aug.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
+                     help="timm auto-augment policy; 'none' to disable")
+    aug.add_argument("--color-jitter", type=_non_negative_float, default=0.3,
+                     help="colour jitter strength (timm ignores it when --aa is set)")
+    aug.add_argument("--reprob", type=_ratio, default=0.25, help="random erasing probability")
+    aug.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
+                     help="random erasing fill mode")
+    aug.add_argument("--recount", type=_positive_int, default=1, help="random erasing regions")
+    aug.add_argument("--mixup", type=_non_negative_float, default=0.8,
+                     help="mixup alpha; 0 disables")
+    aug.add_argument("--cutmix", type=_non_negative_float, default=1.0,
+                     help="cutmix alpha; 0 disables")
+    aug.add_argument("--mixup-prob", type=_non_negative_float, default=1.0,
+                     help="probability of applying mixup or cutmix to a batch")
+    aug.add_argument("--mixup-switch-prob", type=_non_negative_float, default=0.5,
+                     help="probability of cutmix instead of mixup when both are on")
+    aug.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"),
+                     help="how mixup/cutmix parameters are drawn")
+    aug.add_argument("--smoothing", type=_ratio, default=0.1, help="label smoothing")
+    aug.add_argument("--aug-repeats", type=_non_negative_int, default=0,
+                     help="repeated augmentation: copies of each image per epoch, spread over "
+                          "processes (DeiT uses 3); 0 disables")
+
+
+def add_model_args(parser: argparse.ArgumentParser, dense: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    if dense:
+        group.add_argument("--model", default="deit_base_patch16_224",
+                           help="timm model name, built with pretrained=False")
+        group.add_argument(
+            "--checkpoint", metavar="PATH", default=None,
+            help="weights to start from: a local timm .pth/.pt/.safetensors file or a "
+                 "directory written by vtp.save; nothing is downloaded")
+        group.add_argument("--reset-head", action="store_true",
+                           help="drop the checkpoint's classifier when its class count differs")
+        group.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
+                           help="extra timm.create_model keyword arguments, as a JSON object")
+        group.add_argument("--patch-size", type=_positive_int, default=None,
+                           help="override the model's patch size")
+        group.add_argument("--embed-dim", type=_positive_int, default=None,
+                           help="override the model's width")
+        group.add_argument("--depth", type=_positive_int, default=None,
+                           help="override the model's number of blocks")
+        group.add_argument("--num-heads", type=_positive_int, default=None,
+                           help="override the model's number of attention heads")
+        group.add_argument("--mlp-ratio", type=float, default=None,
+                           help="override the model's MLP hidden/width ratio")
+    group.add_argument("--drop-path", type=_ratio, default=0.1,
+                       help="stochastic depth rate while training (DeiT-B: 0.1)")
+
+
+def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], prefix: str = "",
+                   shared: bool = True) -> None:
+    """Optimisation flags. `prefix` ("sparse-", "finetune-") names the per-stage flags of
+    `vtp run`; `shared=False` leaves out the flags both stages share."""
+    title = f"{prefix.rstrip('-')} training" if prefix else "training (DeiT recipe)"
+    group = parser.add_argument_group(title)
+    group.add_argument(f"--{prefix}epochs", type=_positive_int, default=defaults["epochs"],
+                       help="training epochs")
+    group.add_argument(f"--{prefix}lr", type=_non_negative_float, default=defaults["lr"],
+                       help="base learning rate for a global batch of --lr-base-batch images; "
+                            "the lr used is lr * global_batch / lr_base_batch")
+    group.add_argument(f"--{prefix}warmup-epochs", type=_non_negative_float,
+                       default=defaults["warmup_epochs"], help="linear warm-up epochs")
+    group.add_argument(f"--{prefix}min-lr", type=_non_negative_float, default=defaults["min_lr"],
+                       help="final lr of the cosine schedule (not scaled)")
+    if "lam" in defaults and defaults["lam"] > 0:
+        group.add_argument("--lam", type=_non_negative_float, default=defaults["lam"],
+                           help="weight of the L1 penalty on the gates (paper: 1e-4)")
+    if not shared:
+        return
+    group = parser.add_argument_group("training (both stages)" if prefix else "optimizer")
+    group.add_argument("--batch-size", "-b", type=_positive_int, default=64,
+                       help="images per process and step (global batch = this x processes x "
+                            "--accum-steps)")
+    group.add_argument("--accum-steps", type=_positive_int, default=1,
+                       help="micro-batches accumulated per optimizer step")
+    group.add_argument("--lr-base-batch", type=_positive_int, default=512,
+                       help="global batch size the base --lr refers to")
+    group.add_argument("--warmup-lr", type=_non_negative_float, default=1e-6,
+                       help="lr at the start of warm-up (not scaled)")
+    group.add_argument("--weight-decay", type=_non_negative_float, default=0.05,
+                       help="AdamW weight decay; gates, biases, norms, tokens and position "
+                            "embeddings get none")
+    group.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
+    group.add_argument("--opt-betas", type=float, nargs=2, default=[0.9, 0.999],
+                       metavar=("B1", "B2"), help="AdamW betas")
+    group.add_argument("--clip-grad", type=_non_negative_float, default=None,
+                       help="clip the global gradient norm to this value; off by default")
+    group.add_argument("--seed", type=int, default=0, help="random seed")
+    ck = parser.add_argument_group("checkpoints and logging")
+    ck.add_argument("--save-every", type=_non_negative_int, default=1000,
+                    help="also checkpoint every N optimizer steps (0: only at epoch ends)")
+    ck.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint in --output (same model, optimizer, "
+                         "schedule, data position and random state)")
+    ck.add_argument("--stop-after-steps", type=_positive_int, default=None,
+                    help="checkpoint and stop once the run reaches this optimizer step "
+                         "(for time-limited jobs; continue with --resume)")
+    ck.add_argument("--log-every", type=_positive_int, default=50,
+                    help="write a metrics line every N optimizer steps")
+
+
+def add_prune_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--ratio", type=_ratio, default=0.4,
+                       help="share of all gated dimensions to remove (paper: 0.2 and 0.4); "
+                            "ignored with --flops-target")
+    group.add_argument("--scope", default="global", choices=("global", "layer"),
+                       help="one threshold over all gates (paper) or the ratio in every gate")
+    group.add_argument("--flops-target", type=_non_negative_float, default=None,
+                       help="prune until the model's MACs are this fraction of the dense "
+                            "model's (e.g. 0.6) instead of using --ratio")
+    group.add_argument("--round-to", type=_positive_int, default=1,
+                       help="round kept counts up to a multiple of this (8 feeds tensor cores)")
+    group.add_argument("--min-keep", type=_non_negative_int, default=0,
+                       help="keep at least this many dimensions per gate (0 lets heads, "
+                            "branches and blocks go)")
+    group.add_argument("--no-fold", action="store_true",
+                       help="reset kept gates to 1 as in the paper instead of folding their "
+                            "values into the weights")
+    group.add_argument("--plan", metavar="JSON", default=None,
+                       help="apply this plan.json instead of computing one")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-batch-size", type=_positive_int, default=128,
+                       help="images per process and step when evaluating")
+    group.add_argument("--bench-batch-size", type=_positive_int, default=64,
+                       help="batch size of the images/s measurement")
+    group.add_argument("--bench-steps", type=_non_negative_int, default=20,
+                       help="timed forward passes of the images/s measurement (0: skip)")
+
+
+def add_system_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("system")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: CUDA when available (one GPU per process: LOCAL_RANK)")
+    group.add_argument("--amp", action="store_true",
+                       help="autocast matmuls to --amp-dtype (CUDA)")
+    group.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                       help="autocast dtype; float16 adds a gradient scaler")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--deterministic", action="store_true",
+                       help="torch.use_deterministic_algorithms (slower; for exact reruns)")
+    group.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
+                       help="vtp_kernels backend: Triton kernels or their PyTorch twins")
+    group.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
+                       help="torch.distributed backend under torchrun (auto: nccl on CUDA, "
+                            "gloo on CPU)")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show a progress bar (rank 0)")
+
+
+def model_kwargs_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """timm.create_model keyword arguments from --model-kwargs and the shortcut flags."""
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    for flag in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "img_size"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            kwargs[flag] = value
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+def load_yaml_config(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise VTPError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise VTPError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise VTPError(f"config file {path} must hold a mapping of flag names to values")
+    return data
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config", argparse.SUPPRESS)}
+
+
+def _coerce(action: argparse.Action, key: str, value: Any) -> Any:
+    """Checks a YAML value the way argparse would check the flag's text."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"expects true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    convert = action.type
+
+    def one(v: Any) -> Any:
+        if convert is None:
+            return v if isinstance(v, (dict, list)) else str(v)
+        if convert is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if convert is int and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if convert is _json_dict and isinstance(v, dict):
+            return v
+        try:
+            return convert(v if isinstance(v, str) else str(v))
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise ValueError(f"invalid value {v!r}: {e}") from None
+
+    if action.nargs not in (None, "?"):
+        if not isinstance(value, list):
+            raise ValueError(f"expects a list, got {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise ValueError(f"expects {action.nargs} values, got {len(value)}")
+        value = [one(v) for v in value]
+        bad = [v for v in value if action.choices is not None and v not in action.choices]
+    else:
+        value = one(value)
+        bad = [value] if action.choices is not None and value not in action.choices else []
+    if bad:
+        raise ValueError(f"invalid choice {bad[0]!r} (choose from {', '.join(map(str, action.choices))})")
+    return value
+
+
+def apply_yaml_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Makes the YAML file's values the parser's defaults, so command-line flags still win.
+    Unknown keys and ill-typed values stop with a parser error naming the key."""
+    try:
+        data = load_yaml_config(path)
+    except VTPError as e:
+        parser.error(str(e))
+    actions = _actions_by_dest(parser)
+    values = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key in ("command",):
+            continue
+        if key not in actions:
+            parser.error(f"config {path}: unknown key '{raw_key}' (not a flag of this command)")
+        try:
+            values[key] = _coerce(actions[key], raw_key, value)
+        except ValueError as e:
+            parser.error(f"config {path}: key '{raw_key}': {e}")
+    parser.set_defaults(**values)
+
+
+def resolved_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The stage's settings after YAML and flags, as plain YAML-able values."""
+    out = {}
+    for dest in _actions_by_dest(parser):
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            out[dest] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def write_config(path: str, config: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def first_positional(argv: Sequence[str]) -> Optional[str]:
+    for token in argv:
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def find_config_path(argv: Sequence[str]) -> Optional[str]:
+    """Value of --config in argv, without parsing anything else."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    return known.config
+
+
+def split_list(text: Optional[str]) -> List[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]

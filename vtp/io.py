@@ -1,0 +1,244 @@
+"""Saving and loading VTP models: a JSON config plus safetensors weights, no pickle.
+
+A model directory holds
+
+* ``config.json``: the timm class and the arguments that rebuild the dense model,
+  which sites are gated, the pruning plan (if pruned), the dtype, user metadata, and the
+  weights file's size and SHA-256;
+* ``model.safetensors``: the state_dict.
+
+``load`` rebuilds the dense model, re-applies gates and the plan, checks the weights'
+checksum and loads them strictly: a truncated or altered file is an error, never a
+silently different model. ``save`` writes into a temporary directory and renames it
+into place, so an interruption leaves either the old directory or the new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["save", "load", "architecture_config", "build_model"]
+
+MODEL_FORMAT = "vtp-model"
+MODEL_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Classes load() may instantiate: a config names one of these, never arbitrary code.
+ARCHITECTURES = {
+    "timm.models.vision_transformer.VisionTransformer": ("timm.models.vision_transformer", "VisionTransformer"),
+    "timm.models.deit.VisionTransformerDistilled": ("timm.models.deit", "VisionTransformerDistilled"),
+}
+
+
+def _class_path(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def architecture_config(model: nn.Module) -> dict:
+    """``{"architecture": class path, "model_args": kwargs}`` that rebuild ``model``'s dense form.
+
+    Read off a dense or gated timm ViT. Raises ``TypeError`` when the model uses an option
+    these arguments cannot express (``save`` also checks the rebuilt model matches).
+    """
+    from timm.layers import DropPath, LayerScale, PatchDropout
+
+    path = _class_path(model)
+    if path not in ARCHITECTURES:
+        raise TypeError(f"model: cannot save a {type(model).__name__}; supported: {', '.join(ARCHITECTURES)}")
+    b0 = model.blocks[0]
+    dim = model.embed_dim
+    hidden = b0.mlp.fc1.out_features
+    mlp_ratio = hidden / dim
+    if int(dim * mlp_ratio) != hidden:
+        raise TypeError(f"model: MLP width {hidden} is not expressible as embed_dim * mlp_ratio")
+    last = model.blocks[-1]
+    args = dict(
+        img_size=list(model.patch_embed.img_size),
+        patch_size=list(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=dim,
+        depth=len(model.blocks),
+        num_heads=b0.attn.num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=b0.attn.qkv.bias is not None,
+        qk_norm=not isinstance(b0.attn.q_norm, nn.Identity),
+        proj_bias=b0.attn.proj.bias is not None,
+        init_values=1.0 if isinstance(b0.ls1, LayerScale) else None,
+        class_token=model.cls_token is not None,
+        reg_tokens=model.num_reg_tokens,
+        no_embed_class=model.no_embed_class,
+        pos_embed="learn" if model.pos_embed is not None else "none",
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        dynamic_img_size=model.dynamic_img_size,
+        drop_rate=model.head_drop.p,
+        pos_drop_rate=model.pos_drop.p,
+        patch_drop_rate=model.patch_drop.prob if isinstance(model.patch_drop, PatchDropout) else 0.0,
+        proj_drop_rate=b0.attn.proj_drop.p,
+        attn_drop_rate=b0.attn.attn_drop.p,
+        drop_path_rate=last.drop_path1.drop_prob if isinstance(last.drop_path1, DropPath) else 0.0,
+    )
+    return {"architecture": path, "model_args": args}
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild a model (dense, gated or pruned) from a ``config.json`` dict, without weights."""
+    import importlib
+
+    from .gates import add_gates
+    from .plan import PruningPlan
+    from .prune import prune
+
+    arch = config.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"config: architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
+    module, name = ARCHITECTURES[arch]
+    cls = getattr(importlib.import_module(module), name)
+    args = dict(config["model_args"])
+    for key in ("img_size", "patch_size"):
+        args[key] = tuple(args[key])
+    model = cls(**args, weight_init="skip")
+    if config.get("gated_sites"):
+        add_gates(model, config["gated_sites"])
+    if config.get("plan") is not None:
+        model = prune(model, PruningPlan.from_dict(config["plan"]), fold=bool(config.get("fold", True)))
+    dtype = getattr(torch, config.get("dtype", "float32").replace("torch.", ""))
+    return model.to(dtype)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe(model: nn.Module) -> dict:
+    from .gates import SITES, gates
+
+    plan = getattr(model, "vtp_plan", None)
+    if plan is not None:
+        base = dict(model.vtp_dense_config)
+        sites = sorted({n.split(".")[-1] for n in plan.kept}, key=SITES.index)
+        base.update(gated_sites=sites, plan=plan.to_dict(), fold=bool(getattr(model, "vtp_fold", True)))
+    else:
+        base = architecture_config(model)
+        sites = sorted({n.split(".")[-1] for n in gates(model)}, key=SITES.index)
+        base.update(gated_sites=sites, plan=None)
+    return base
+
+
+def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optional[dict] = None) -> Path:
+    """Save ``model`` (dense, gated or pruned timm ViT) to ``directory``, atomically.
+
+    ``metadata`` is any JSON-serialisable dict stored alongside (e.g. accuracy, the command).
+    An existing directory is replaced only if it is empty or holds a previous save.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(directory)
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
+        raise FileExistsError(f"directory: {target} exists and is not a vtp model directory; refusing to overwrite")
+    if metadata is not None:
+        try:
+            json.dumps(metadata)
+        except TypeError as e:
+            raise TypeError(f"metadata: must be JSON-serialisable ({e})") from None
+    config = {"format": MODEL_FORMAT, "version": MODEL_VERSION, **_describe(model)}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    _check_rebuild(model, config, state)
+    config["metadata"] = metadata or {}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weights = tmp / WEIGHTS_FILE
+        save_file(state, str(weights), metadata={"format": "pt"})
+        config["weights"] = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_rebuild(model: nn.Module, config: dict, state: dict) -> None:
+    """Refuse to save what ``load`` would not rebuild identically."""
+    rebuilt = build_model(config)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in rebuilt.state_dict().items()}
+    if expected != got or repr(rebuilt) != repr(model):
+        diff = sorted(set(expected.items()) ^ set(got.items()))[:3]
+        raise TypeError(f"model: its architecture cannot be described for vtp.load (first differences: {diff}); "
+                        "only timm ViTs built from standard options are supported")
+
+
+def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Load a model saved by ``vtp.save``; returned in eval mode on ``map_location``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"directory: {path} has no {CONFIG_FILE}; not a directory written by vtp.save")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e}); the file is truncated or altered") from None
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{config_path}: not a vtp model config (format != {MODEL_FORMAT!r})")
+    if config.get("version") != MODEL_VERSION:
+        raise ValueError(f"{config_path}: unsupported version {config.get('version')!r}")
+    try:
+        info = config["weights"]
+        weights = path / info["file"]
+        expected_bytes, expected_sha = int(info["bytes"]), str(info["sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{config_path}: missing or malformed 'weights' entry") from None
+    if weights.name != Path(info["file"]).name or not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file missing")
+    if weights.stat().st_size != expected_bytes:
+        raise ValueError(f"{weights}: {weights.stat().st_size} bytes, expected {expected_bytes}; "
+                         "the file is truncated or altered")
+    if _sha256(weights) != expected_sha:
+        raise ValueError(f"{weights}: SHA-256 does not match config.json; the file is altered or corrupt")
+    try:
+        model = build_model(config)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{config_path}: cannot rebuild the model ({e})") from None
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a valid safetensors file ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not fit the model in config.json "
+                         f"(missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]})")
+    return model.to(map_location).eval()
