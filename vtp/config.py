@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
@@ -35,8 +35,18 @@ SPARSE_DEFAULTS = dict(epochs=100, lr=6.25e-6, warmup_epochs=0, min_lr=0.0, lam=
 FINETUNE_DEFAULTS = dict(epochs=100, lr=5e-4, warmup_epochs=5, min_lr=1e-5, lam=0.0)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's default and keeps the hand-wrapped descriptions and epilogs."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default (unless it is unset or a switch that is off) and keeps the
+    hand-wrapped descriptions and epilogs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _positive_int(text: str) -> int:
@@ -225,8 +235,8 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
                     help="continue from the checkpoint in --output (same model, optimizer, "
                          "schedule, data position and random state)")
     ck.add_argument("--stop-after-steps", type=_positive_int, default=None,
-                    help="checkpoint and stop once the run reaches this optimizer step "
-                         "(for time-limited jobs; continue with --resume)")
+                    help="checkpoint and stop once the training stage reaches this optimizer "
+                         "step (for time-limited jobs; continue with --resume)")
     ck.add_argument("--log-every", type=_positive_int, default=50,
                     help="write a metrics line every N optimizer steps")
 
@@ -253,10 +263,12 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                        help="apply this plan.json instead of computing one")
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
+def add_eval_args(parser: argparse.ArgumentParser, bench: bool = True) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval-batch-size", type=_positive_int, default=128,
                        help="images per process and step when evaluating")
+    if not bench:
+        return
     group.add_argument("--bench-batch-size", type=_positive_int, default=64,
                        help="batch size of the images/s measurement")
     group.add_argument("--bench-steps", type=_non_negative_int, default=20,
@@ -268,7 +280,8 @@ def add_system_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto: CUDA when available (one GPU per process: LOCAL_RANK)")
     group.add_argument("--amp", action="store_true",
-                       help="autocast matmuls to --amp-dtype (CUDA)")
+                       help="mixed precision: autocast to --amp-dtype (made for CUDA; allowed "
+                            "on CPU)")
     group.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
                        help="autocast dtype; float16 adds a gradient scaler")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -408,7 +421,3 @@ def find_config_path(argv: Sequence[str]) -> Optional[str]:
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(list(argv))
     return known.config
-
-
-def split_list(text: Optional[str]) -> List[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]

@@ -21,7 +21,8 @@ from .config import VTPError
 
 __all__ = [
     "DataSpec", "SyntheticImages", "build_datasets", "train_loader", "eval_loader",
-    "build_mixup", "steps_per_epoch", "check_data_args",
+    "build_mixup", "steps_per_epoch", "check_data_args", "image_folder", "train_transform",
+    "eval_transform", "with_transform", "train_steps",
 ]
 
 
@@ -66,7 +67,7 @@ def check_data_args(data: Optional[str], synthetic: bool, splits: Sequence[str])
             raise VTPError(f"data folder {data} has no '{split}' sub-folder ({path})")
 
 
-def _image_folder(root: str, split: str, class_map: Optional[Dict[str, int]]):
+def image_folder(root: str, split: str, class_map: Optional[Dict[str, int]]):
     path = os.path.join(root, split)
     try:
         # search_split=False: `path` is the split folder itself, never a guess of timm's.
@@ -96,11 +97,11 @@ def build_datasets(
         train = SyntheticImages(synthetic_size, n_cls, img_size, seed=0) if train_split else None
         val = SyntheticImages(synthetic_val_size, n_cls, img_size, seed=1) if synthetic_val_size else None
         return train, val, DataSpec(n_cls, len(train) if train else 0, len(val) if val else 0)
-    train = _image_folder(data, train_split, None) if train_split else None
+    train = image_folder(data, train_split, None) if train_split else None
     class_map = dict(train.reader.class_to_idx) if train is not None else None
     val = None
     if val_split:
-        val = _image_folder(data, val_split, class_map)
+        val = image_folder(data, val_split, class_map)
     found = len((class_map if class_map is not None else val.reader.class_to_idx))
     n_cls = num_classes or found
     if n_cls < found:

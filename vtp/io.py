@@ -237,8 +237,8 @@ def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.devi
         state = load_file(str(weights), device=str(map_location))
     except SafetensorError as e:
         raise ValueError(f"{weights}: not a valid safetensors file ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights}: does not fit the model in config.json "
-                         f"(missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]})")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights}: does not fit the model described by config.json ({e})") from None
     return model.to(map_location).eval()

@@ -11,7 +11,14 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from .backend import BACKENDS, get_backend, set_backend, use_backend, use_triton
+from .backend import BACKENDS, get_backend, set_backend, triton_available, use_backend, use_triton
+
+# The kernel modules are named after their ops. Import them before the public functions
+# are defined: importing a submodule later would rebind ``vtp_kernels.<op>`` to the module.
+if triton_available():
+    from .gated_linear import gated_linear_triton
+    from .layer_norm_gather import layer_norm_gather_triton
+    from .packed_attention import packed_attention_triton
 
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend",
@@ -24,7 +31,6 @@ def gated_linear(
 ) -> torch.Tensor:
     """``(x * gate) @ weight.T + bias`` for x of shape ``[..., K]``; see ``reference.gated_linear``."""
     if use_triton("gated_linear", x):
-        from .gated_linear import gated_linear_triton
         return gated_linear_triton(x, weight, gate, bias)
     return reference.gated_linear(x, weight, gate, bias)
 
@@ -38,7 +44,6 @@ def layer_norm_gather(
 ) -> torch.Tensor:
     """LayerNorm over all of x's last dim, emitting only columns ``index``; see the reference."""
     if use_triton("layer_norm_gather", x):
-        from .layer_norm_gather import layer_norm_gather_triton
         return layer_norm_gather_triton(x, index, weight, bias, eps)
     return reference.layer_norm_gather(x, index, weight, bias, eps)
 
@@ -48,6 +53,5 @@ def packed_attention(
 ) -> torch.Tensor:
     """Attention over heads with per-head value widths (packed V); see the reference."""
     if use_triton("packed_attention", q):
-        from .packed_attention import packed_attention_triton
         return packed_attention_triton(q, k, v, v_widths, scale)
     return reference.packed_attention(q, k, v, tuple(v_widths), scale)

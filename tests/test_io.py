@@ -1,0 +1,116 @@
+import json
+import os
+
+import pytest
+import torch
+
+import vtp
+from vit_variants import VARIANTS, make_vit, randomize_gates
+
+X = None
+
+
+def _x():
+    return torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+
+def _pruned(variant="deit"):
+    model = vtp.add_gates(make_vit(variant))
+    randomize_gates(model)
+    return vtp.prune(model, vtp.plan(model, ratio=0.5))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_round_trip_pruned(variant, tmp_path):
+    small = _pruned(variant)
+    vtp.save(small, tmp_path / "m", metadata={"acc": 0.5})
+    loaded = vtp.load(tmp_path / "m")
+    x = _x()
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    assert loaded.vtp_plan == small.vtp_plan
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["metadata"] == {"acc": 0.5}
+
+
+def test_round_trip_dense_and_gated(tmp_path):
+    dense = make_vit("layer_scale")
+    vtp.save(dense, tmp_path / "dense")
+    x = _x()
+    torch.testing.assert_close(vtp.load(tmp_path / "dense")(x), dense(x), rtol=0, atol=0)
+    gated = vtp.add_gates(make_vit("qk_norm"), sites=("attn_out", "mlp_hidden"))
+    randomize_gates(gated)
+    vtp.save(gated, tmp_path / "gated")
+    loaded = vtp.load(tmp_path / "gated")
+    assert set(vtp.gates(loaded)) == set(vtp.gates(gated))
+    torch.testing.assert_close(loaded(x), gated(x), rtol=0, atol=0)
+    # the pruned copy of a loaded gated model is the same as that of the original
+    plan = vtp.plan(gated, ratio=0.3)
+    torch.testing.assert_close(vtp.prune(loaded, plan)(x), vtp.prune(gated, plan)(x), rtol=0, atol=0)
+
+
+def test_save_replaces_previous_save_and_refuses_foreign_directory(tmp_path):
+    small = _pruned()
+    vtp.save(small, tmp_path / "m")
+    vtp.save(small, tmp_path / "m")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(FileExistsError, match="not a vtp model directory"):
+        vtp.save(small, foreign)
+    assert os.listdir(foreign) == ["cat.jpg"]
+
+
+def test_interrupted_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        vtp.save(_pruned(), tmp_path / "m")
+    assert os.listdir(tmp_path) == []
+
+
+def test_truncated_or_altered_files_are_errors(tmp_path):
+    small = _pruned()
+    target = tmp_path / "m"
+    vtp.save(small, target)
+    weights = target / "model.safetensors"
+    blob = weights.read_bytes()
+
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        vtp.load(target)
+
+    altered = bytearray(blob)
+    altered[-5] ^= 0xFF
+    weights.write_bytes(bytes(altered))
+    with pytest.raises(ValueError, match="SHA-256"):
+        vtp.load(target)
+
+    weights.write_bytes(blob)
+    config = (target / "config.json").read_text()
+    (target / "config.json").write_text(config[: len(config) // 2])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        vtp.load(target)
+
+    data = json.loads(config)
+    data["plan"]["kept"]["blocks.0.mlp_hidden"] = data["plan"]["kept"]["blocks.0.mlp_hidden"][:-1]
+    (target / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="does not fit"):
+        vtp.load(target)
+
+    data["architecture"] = "os.system"
+    (target / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="architecture"):
+        vtp.load(target)
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        vtp.load(tmp_path / "nowhere")
+
+
+def test_metadata_must_be_json(tmp_path):
+    with pytest.raises(TypeError, match="metadata"):
+        vtp.save(make_vit(), tmp_path / "m", metadata={"x": object()})
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,108 @@
+import json
+import math
+
+import pytest
+import torch
+
+import vtp
+from vtp.plan import plan_macs
+from vit_variants import make_vit, randomize_gates
+
+
+@pytest.fixture
+def model():
+    m = vtp.add_gates(make_vit())
+    randomize_gates(m)
+    return m
+
+
+def _scores(model):
+    return {n: g.detach().abs() for n, g in vtp.gates(model).items()}
+
+
+def test_global_ratio_removes_the_lowest_scores(model):
+    plan = vtp.plan(model, ratio=0.4)
+    total = sum(g.numel() for g in vtp.gates(model).values())
+    assert plan.total == total and total - plan.num_kept == math.floor(0.4 * total)
+    scores = _scores(model)
+    kept = torch.cat([scores[n][plan.kept[n]] for n in scores])
+    removed = torch.cat([scores[n][[i for i in range(len(scores[n])) if i not in set(plan.kept[n])]]
+                         for n in scores])
+    assert kept.min() >= removed.max()
+    assert plan.rule["threshold"] == pytest.approx(removed.max().item())
+
+
+def test_layer_scope_removes_the_same_share_everywhere(model):
+    plan = vtp.plan(model, ratio=0.25, scope="layer")
+    scores = _scores(model)
+    for name, size in plan.sizes.items():
+        assert len(plan.kept[name]) == size - math.floor(0.25 * size)
+        dropped = sorted(set(range(size)) - set(plan.kept[name]))
+        if dropped:
+            assert scores[name][plan.kept[name]].min() >= scores[name][dropped].max()
+
+
+def test_round_to_and_min_keep(model):
+    with torch.no_grad():
+        vtp.gates(model)["blocks.0.mlp_in"].mul_(1e-6)  # this gate would vanish entirely
+    plan = vtp.plan(model, ratio=0.6, round_to=8, min_keep=16)
+    for name, idx in plan.kept.items():
+        n = len(idx)
+        assert n >= 16 and (n % 8 == 0 or n == plan.sizes[name])
+    plan0 = vtp.plan(model, ratio=0.6)
+    assert plan0.kept["blocks.0.mlp_in"] == []
+
+
+def test_flops_target_fits_budget_with_fewest_removals(model):
+    dense = vtp.profile(model).macs
+    plan = vtp.plan(model, flops_target=0.5)
+    macs = plan_macs(model, plan.kept, plan.head_dim)
+    assert macs <= 0.5 * dense and plan.rule["macs"] == macs
+    assert vtp.profile(vtp.prune(model, plan)).macs == macs
+    # keeping one more dim (the best removed one) would break the budget
+    scores = _scores(model)
+    best = max(((scores[n][i].item(), n, i) for n in scores for i in range(plan.sizes[n])
+                if i not in set(plan.kept[n])))
+    bigger = {k: sorted(v + [best[2]]) if k == best[1] else v for k, v in plan.kept.items()}
+    assert plan_macs(model, bigger, plan.head_dim) > 0.5 * dense
+
+
+def test_json_round_trip(model, tmp_path):
+    plan = vtp.plan(model, ratio=0.3, round_to=4)
+    again = vtp.PruningPlan.from_json(plan.to_json())
+    assert again == plan
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    assert vtp.PruningPlan.load(str(path)) == plan
+    assert json.loads(path.read_text())["format"] == "vtp-plan"
+    assert "kept" in plan.summary() and "blocks" not in plan.summary().splitlines()[0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ratio=1.0), "ratio"),
+    (dict(ratio=-0.1), "ratio"),
+    (dict(ratio="0.4"), "ratio"),
+    (dict(), "exactly one"),
+    (dict(ratio=0.4, flops_target=0.5), "exactly one"),
+    (dict(flops_target=0.0), "flops_target"),
+    (dict(flops_target=1e-4), "out of reach"),
+    (dict(ratio=0.4, scope="block"), "scope"),
+    (dict(ratio=0.4, round_to=0), "round_to"),
+    (dict(ratio=0.4, min_keep=-1), "min_keep"),
+])
+def test_bad_arguments_are_named(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vtp.plan(model, **kwargs)
+
+
+def test_plan_needs_gates_and_valid_json():
+    with pytest.raises(ValueError, match="add_gates"):
+        vtp.plan(make_vit(), ratio=0.4)
+    with pytest.raises(ValueError, match="JSON"):
+        vtp.PruningPlan.from_json("{not json")
+    with pytest.raises(ValueError, match="format"):
+        vtp.PruningPlan.from_json('{"kept": {}}')
+    with pytest.raises(ValueError, match="sorted unique"):
+        vtp.PruningPlan(kept={"blocks.0.attn_in": [3, 1]}, sizes={"blocks.0.attn_in": 8}, head_dim=4)
+    with pytest.raises(ValueError, match="sorted unique"):
+        vtp.PruningPlan(kept={"blocks.0.attn_in": [9]}, sizes={"blocks.0.attn_in": 8}, head_dim=4)
