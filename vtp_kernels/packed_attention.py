@@ -26,7 +26,7 @@ each head masks it down to its own width, so a narrow head reads and writes only
 own columns.
 
 Alignment matters on a GPU: q, k and v are views of one qkv row of 2·H·D + sum(widths)
-elements, so with arbitrary widths no row starts on a 16-byte boundary and every load is
+elements, so with arbitrary widths rows do not start on 16-byte boundaries and loads are
 scalar. The host computes ALIGN, the largest power of two (<= 16) dividing every value
 offset, width and row/head/batch stride, and the kernels pass it on to the compiler;
 widths rounded to multiples of 8 (``round_to=8``) give 16-byte vector loads throughout.

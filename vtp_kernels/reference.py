@@ -7,7 +7,8 @@ their backward passes.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,14 +81,16 @@ def packed_attention(
     width = max(widths, default=0)
     if total == 0:
         return v.new_zeros(B, N, 0)
-    pad_index = _pad_index(widths, width, v.device)
+    pad_index = _pad_index(tuple(widths), width, v.device)
     v_pad = v.new_zeros(B, N, H * width).index_copy(-1, pad_index, v)
     v_pad = v_pad.view(B, N, H, width).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v_pad, scale=scale)
     return out.transpose(1, 2).reshape(B, N, H * width).index_select(-1, pad_index)
 
 
-def _pad_index(widths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
-    """Column of each packed value inside the ``[H * width]`` padded layout."""
+@functools.lru_cache(maxsize=256)
+def _pad_index(widths: Tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
+    """Column of each packed value inside the ``[H * width]`` padded layout (cached: a
+    pruned model asks for the same few layouts on every forward)."""
     cols = [h * width + j for h, w in enumerate(widths) for j in range(w)]
     return torch.tensor(cols, dtype=torch.long, device=device)
