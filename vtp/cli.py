@@ -234,7 +234,8 @@ def train_config(args: argparse.Namespace, stage: str, prefix: str = ""):
         stage=stage, epochs=stage_value("epochs"), lr=stage_value("lr"),
         warmup_epochs=stage_value("warmup_epochs"), min_lr=stage_value("min_lr"),
         batch_size=args.batch_size, accum_steps=args.accum_steps, lr_base_batch=args.lr_base_batch,
-        warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, opt_eps=args.opt_eps,
+        warmup_lr=args.warmup_lr, weight_decay=args.weight_decay,
+        gate_lr_scale=args.gate_lr_scale, opt_eps=args.opt_eps,
         opt_betas=tuple(args.opt_betas), clip_grad=args.clip_grad, lam=lam,
         smoothing=args.smoothing, seed=args.seed, aug_repeats=0 if args.no_aug else args.aug_repeats,
         workers=args.workers, save_every=args.save_every, stop_after_steps=args.stop_after_steps,
@@ -260,6 +261,11 @@ def _precheck(args, need_train: bool) -> None:
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint and not os.path.exists(checkpoint):
         raise VTPError(f"--checkpoint not found: {checkpoint}")
+    name = getattr(args, "model", None)
+    if name is not None:
+        import timm
+        if not timm.is_model(name):
+            raise VTPError(f"unknown timm model '{name}' (see timm.list_models())")
 
 
 def _data_settings(model, metadata: Dict[str, Any]) -> Dict[str, Any]:

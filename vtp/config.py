@@ -8,6 +8,7 @@ outputs (``config.yaml``) and can be fed back with ``--config``.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 from typing import Any, Dict, Optional, Sequence
@@ -222,6 +223,8 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
     group.add_argument("--weight-decay", type=_non_negative_float, default=0.05,
                        help="AdamW weight decay; gates, biases, norms, tokens and position "
                             "embeddings get none")
+    group.add_argument("--gate-lr-scale", type=_non_negative_float, default=1.0,
+                       help="multiplier of the lr of the gates (sparse training)")
     group.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
     group.add_argument("--opt-betas", type=float, nargs=2, default=[0.9, 0.999],
                        metavar=("B1", "B2"), help="AdamW betas")
@@ -383,7 +386,9 @@ def apply_yaml_config(parser: argparse.ArgumentParser, path: str) -> None:
         if key in ("command",):
             continue
         if key not in actions:
-            parser.error(f"config {path}: unknown key '{raw_key}' (not a flag of this command)")
+            close = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            parser.error(f"config {path}: unknown key '{raw_key}' (not a flag of this command{hint})")
         try:
             values[key] = _coerce(actions[key], raw_key, value)
         except ValueError as e:

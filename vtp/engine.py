@@ -384,6 +384,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     weight_decay: float = 0.05
+    gate_lr_scale: float = 1.0
     opt_eps: float = 1e-8
     opt_betas: Tuple[float, float] = (0.9, 0.999)
     clip_grad: Optional[float] = None
@@ -417,7 +418,7 @@ def autocast(device: torch.device, enabled: bool, dtype: str):
 def create_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     import vtp
 
-    groups = vtp.param_groups(model, cfg.weight_decay)
+    groups = vtp.param_groups(model, cfg.weight_decay, lr_scale_gates=cfg.gate_lr_scale)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps)
 
 
@@ -528,7 +529,7 @@ def _plain(d: Dict[str, Any]) -> Dict[str, Any]:
 
 # The settings that change the trajectory; a resume with other values is not the same run.
 _TRAJECTORY_KEYS = ("epochs", "batch_size", "accum_steps", "lr", "lr_base_batch", "min_lr",
-                    "warmup_epochs", "lam", "seed", "aug_repeats", "weight_decay")
+                    "warmup_epochs", "lam", "seed", "aug_repeats", "weight_decay", "gate_lr_scale")
 
 
 def _check_resume(ckpt: Dict[str, Any], cfg: TrainConfig, info: DistInfo, say: Callable) -> None:
@@ -706,7 +707,7 @@ def fit(
             save_checkpoint(ckpt_path, state)
 
     def current_lr() -> float:
-        return max(g["lr"] for g in optimizer.param_groups)
+        return optimizer.param_groups[0]["lr"]  # the weights' lr (gates may be scaled)
 
     images_per_step = cfg.global_batch(info.world_size)
     summary: Dict[str, Any] = {"stopped": False, "steps_per_epoch": steps_per_epoch,

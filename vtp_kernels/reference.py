@@ -88,9 +88,20 @@ def packed_attention(
     return out.transpose(1, 2).reshape(B, N, H * width).index_select(-1, pad_index)
 
 
-@functools.lru_cache(maxsize=256)
 def _pad_index(widths: Tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
-    """Column of each packed value inside the ``[H * width]`` padded layout (cached: a
-    pruned model asks for the same few layouts on every forward)."""
+    """Column of each packed value inside the ``[H * width]`` padded layout.
+
+    Cached in eager mode, where a pruned model asks for the same few layouts on every
+    forward; under torch.compile it is built inline and becomes a graph constant.
+    """
+    if torch.compiler.is_compiling():
+        return _build_pad_index(widths, width, device)
+    return _cached_pad_index(widths, width, device)
+
+
+def _build_pad_index(widths: Tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
     cols = [h * width + j for h, w in enumerate(widths) for j in range(w)]
     return torch.tensor(cols, dtype=torch.long, device=device)
+
+
+_cached_pad_index = functools.lru_cache(maxsize=256)(_build_pad_index)

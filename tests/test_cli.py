@@ -1,0 +1,221 @@
+"""The `vtp` command end to end on a tiny ImageFolder, and its error messages."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+import yaml
+
+import vtp
+from vtp import cli
+
+from cli_helpers import FAST, TINY_MODEL, flags, make_image_folder
+
+TRAIN = ["-b", "8", "--save-every", "0", "--log-every", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    # A command run without --output writes runs/...; keep that out of the checkout.
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_dir):
+    """One `vtp run` shared by the tests that read its outputs. The YAML file sets both
+    stages' epochs; the command line overrides one of them. The run first stops inside
+    sparse training (--stop-after-steps), then `vtp run --resume` completes it."""
+    root = tmp_path_factory.mktemp("run")
+    config = root / "settings.yaml"
+    config.write_text(yaml.safe_dump({"sparse-epochs": 1, "finetune_epochs": 3, "ratio": 0.25,
+                                      "bench_steps": 2, "bench-batch-size": 4}))
+    out = root / "run"
+    argv = flags(["run", "--config", str(config), "--data", str(data_dir), "--output", str(out),
+                  "--finetune-epochs", "1"], TINY_MODEL, FAST, TRAIN)
+    assert cli.main(argv + ["--stop-after-steps", "2"]) == 0
+    assert (out / "sparse-train" / "checkpoints" / "last.pt").is_file()
+    assert not (out / "sparse-train" / "model").exists() and not (out / "prune").exists()
+    assert cli.main(argv + ["--resume"]) == 0
+    return out
+
+
+def test_every_flag_has_help_and_default_shown():
+    parser, subs = cli.build_parser()
+    for name, sub in subs.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            where = f"vtp {name} {action.option_strings or action.dest}"
+            assert action.help, f"{where}: no help"
+            if action.default is not None and action.default is not False:
+                assert "default" in formatter._get_help_string(action), f"{where}: default not shown"
+        sub.format_help()
+
+
+def test_run_writes_everything(full_run):
+    out = full_run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["sparse_epochs"] == 1 and cfg["finetune_epochs"] == 1 and cfg["ratio"] == 0.25
+    for stage in ("sparse-train", "finetune"):
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        kinds = {r["kind"] for r in rows}
+        assert kinds == {"train", "epoch"}
+        epoch = [r for r in rows if r["kind"] == "epoch"][-1]
+        assert {"train_loss", "val_loss", "val_acc1", "images_per_s"} <= epoch.keys()
+        train = [r for r in rows if r["kind"] == "train"][-1]
+        assert {"loss", "lr", "images_per_s", "eta_s"} <= train.keys()
+        assert (out / stage / "checkpoints" / "last.pt").is_file()
+        assert yaml.safe_load((out / stage / "config.yaml").read_text())["finetune_epochs"] == 1
+    # the plan, and three loadable models: gated, pruned, fine-tuned
+    plan = vtp.PruningPlan.load(str(out / "prune" / "plan.json"))
+    assert abs(plan.pruned_ratio - 0.25) < 0.05
+    gated = vtp.load(out / "sparse-train" / "model")
+    assert len(vtp.gates(gated)) == 2 * 4
+    pruned = vtp.load(out / "prune" / "model")
+    final = vtp.load(out / "finetune" / "model")
+    assert sum(p.numel() for p in final.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert sum(p.numel() for p in final.parameters()) < sum(p.numel() for p in gated.parameters())
+    assert final(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    dense = json.loads((out / "eval-dense" / "eval.json").read_text())
+    small = json.loads((out / "eval-pruned" / "eval.json").read_text())
+    assert small["params"] < dense["params"] and small["macs"] < dense["macs"]
+    assert 0 <= small["val_acc1"] <= 100 and small["val_images"] == 16 and small["images_per_s"] > 0
+    for png in ("kept_dims.png", "gate_hist.png", "curves.png"):
+        assert (out / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_commands_on_a_run(full_run, tmp_path, data_dir, capsys):
+    """prune, eval and report as separate commands, taking the run directory as SOURCE."""
+    assert cli.main(["prune", str(full_run), "--ratio", "0.5", "--round-to", "2",
+                     "--output", str(tmp_path / "p")]) == 0
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert all(len(k) % 2 == 0 for k in plan["kept"].values())
+    assert cli.main(flags(["eval", str(tmp_path / "p"), "--data", str(data_dir), "--bench-steps", "1",
+                           "--bench-batch-size", "2", "--output", str(tmp_path / "e")], FAST)) == 0
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert result["val_images"] == 16
+    capsys.readouterr()
+    assert cli.main(["report", str(full_run), "--output", str(tmp_path / "r")]) == 0
+    text = capsys.readouterr().out
+    assert "| dense |" in text and "fine-tuned" in text and "images/s" in text
+    assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_sparse_train_synthetic_then_finetune(tmp_path):
+    """--synthetic needs no folder; finetune takes a prune directory."""
+    common = flags(FAST, ["-b", "4", "--mixup", "0", "--cutmix", "0", "--save-every", "0"])
+    assert cli.main(flags(["sparse-train", "--synthetic", "--synthetic-size", "8",
+                           "--synthetic-val-size", "4", "--num-classes", "3", "--epochs", "1",
+                           "--output", str(tmp_path / "s")], TINY_MODEL, common)) == 0
+    assert cli.main(["prune", str(tmp_path / "s"), "--output", str(tmp_path / "p")]) == 0
+    assert cli.main(flags(["finetune", str(tmp_path / "p"), "--synthetic", "--synthetic-size", "8",
+                           "--synthetic-val-size", "0", "--epochs", "1", "--output",
+                           str(tmp_path / "f")], common)) == 0
+    assert vtp.load(tmp_path / "f" / "model").num_classes == 3
+
+
+def test_demo_command_calls_vtp_demo(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(vtp.demo, "run", lambda args: seen.setdefault("args", args))
+    assert cli.main(["demo", "--sparse-epochs", "1"]) == 0
+    assert isinstance(seen["args"], argparse.Namespace) and seen["args"].sparse_epochs == 1
+
+
+# ---- errors: one clean message, before any work -------------------------------------------
+
+
+def _error(capsys, argv, code=1):
+    """Runs a failing command; returns its stderr after checking the exit code and that no
+    traceback was printed. argparse errors (code 2) exit through SystemExit."""
+    if code == 2:
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+    else:
+        assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    err = _error(capsys, ["sparse-train", "--data", str(tmp_path / "nope"), "--output",
+                          str(tmp_path / "o")] + TINY_MODEL)
+    assert "data folder not found" in err and not (tmp_path / "o").exists()
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    err = _error(capsys, ["sparse-train", "--data", str(tmp_path / "d")] + TINY_MODEL)
+    assert "no 'val' sub-folder" in err
+
+
+def test_bad_yaml_key_and_value(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    err = _error(capsys, ["sparse-train", "--config", str(bad)], code=2)
+    assert "unknown key 'learning_rate'" in err
+    bad.write_text("scope: everywhere\n")
+    err = _error(capsys, ["prune", "x", "--config", str(bad)], code=2)
+    assert "'scope'" in err and "invalid choice" in err
+    bad.write_text("epochs: many\n")
+    err = _error(capsys, ["finetune", "x", "--config", str(bad)], code=2)
+    assert "'epochs'" in err
+
+
+def test_bad_flags(capsys, tmp_path):
+    assert "--epochs: must be >= 1" in _error(capsys, ["sparse-train", "--epochs", "0"], code=2)
+    assert "invalid choice" in _error(capsys, ["prune", "x", "--scope", "row"], code=2)
+    assert "--model-kwargs" in _error(capsys, ["run", "--model-kwargs", "[1]"], code=2)
+    out = tmp_path / "o"
+    err = _error(capsys, ["sparse-train", "--synthetic", "--model", "no_such_vit", "-o", str(out)])
+    assert "unknown timm model 'no_such_vit'" in err and not out.exists()
+
+
+def test_checkpoint_that_does_not_fit(capsys, tmp_path, data_dir):
+    import timm
+
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                              patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    torch.save({"model": other.state_dict()}, tmp_path / "deeper.pth")
+    argv = flags(["sparse-train", "--data", str(data_dir), "--checkpoint", str(tmp_path / "deeper.pth"),
+                  "--output", str(tmp_path / "o")], TINY_MODEL, FAST)
+    err = _error(capsys, argv)
+    assert "does not fit the model" in err and "unexpected keys (" in err and "blocks.2." in err
+    assert "head.weight: checkpoint (10, 32) vs model (4, 32)" in err
+    assert not (tmp_path / "o" / "checkpoints").exists()
+    # same architecture, other class count: only the head differs, --reset-head takes it
+    same = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                             patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save({"model": same.state_dict()}, tmp_path / "ten.pth")
+    argv[argv.index(str(tmp_path / "deeper.pth"))] = str(tmp_path / "ten.pth")
+    assert "--reset-head" in _error(capsys, argv)
+    assert cli.main(argv + ["--reset-head", "--epochs", "1", "-b", "8", "--save-every", "0"]) == 0
+    gated = vtp.load(tmp_path / "o" / "model")
+    assert gated.num_classes == 4
+
+
+def test_nan_loss_stops_with_the_step(capsys, tmp_path, data_dir):
+    out = tmp_path / "o"
+    argv = flags(["sparse-train", "--data", str(data_dir), "--output", str(out), "--epochs", "1",
+                  "-b", "8", "--lr", "1e30", "--lr-base-batch", "8", "--save-every", "1",
+                  "--no-aug", "--drop-path", "0"], TINY_MODEL, FAST)
+    err = _error(capsys, argv)
+    assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
+    assert "at step 2 (epoch 0, step 2 of 4)" in err
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["global_step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_existing_run_needs_resume(capsys, tmp_path, full_run):
+    err = _error(capsys, ["run", "--synthetic", "--output", str(full_run)] + TINY_MODEL)
+    assert "already holds a run" in err and "--resume" in err
+    err = _error(capsys, ["sparse-train", "--synthetic", "--resume", "--output", str(tmp_path)] + TINY_MODEL)
+    assert "no checkpoint" in err
+    err = _error(capsys, ["prune", str(tmp_path)])
+    assert "holds no model saved by vtp.save" in err
