@@ -26,13 +26,14 @@ __all__ = ["add_arguments", "run", "build_demo_model"]
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/demo", help="directory for models, plan, results.json and plots")
     parser.add_argument("--ratio", type=float, default=0.4, help="share of gated dimensions to prune (global)")
-    parser.add_argument("--dense-epochs", type=int, default=15, help="epochs of ordinary training")
+    parser.add_argument("--dense-epochs", type=int, default=20, help="epochs of ordinary training")
     parser.add_argument("--sparse-epochs", type=int, default=10, help="epochs of sparse training with the L1 gate penalty")
     parser.add_argument("--finetune-epochs", type=int, default=10, help="epochs of fine-tuning the pruned model")
     parser.add_argument("--lam", type=float, default=2e-4, help="weight of the L1 penalty on the gates")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate of dense training")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak AdamW learning rate of dense training (sparse training and fine-tuning use a quarter)")
     parser.add_argument("--gate-lr", type=float, default=1e-2, help="AdamW learning rate of the gates")
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--round-to", type=int, default=1, help="round kept counts up to a multiple of this")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -46,14 +47,6 @@ def build_demo_model(num_classes: int = 10) -> nn.Module:
 
     return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=num_classes, embed_dim=64,
                              depth=4, num_heads=4, mlp_ratio=4.0)
-
-
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shift each digit by up to 2 pixels (zero = background after normalisation is not 0, so pad with min)."""
-    pad = 2
-    padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    return padded[..., dy: dy + x.shape[-2], dx: dx + x.shape[-1]]
 
 
 def train(model: nn.Module, data, epochs: int, optimizer: torch.optim.Optimizer, *, lam: float = 0.0,
@@ -76,7 +69,7 @@ def train(model: nn.Module, data, epochs: int, optimizer: torch.optim.Optimizer,
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), batch_size):
             idx = order[start: start + batch_size]
-            x, y = _augment(images[idx], generator), labels[idx]
+            x, y = images[idx], labels[idx]
             scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
             for group, lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = lr * scale

@@ -57,10 +57,13 @@ def check_supported(model: nn.Module) -> None:
     Supported: timm ``VisionTransformer`` and its subclasses (e.g. distilled DeiT) built
     from timm's ``Block``, ``Attention`` and ``Mlp`` with LayerNorm, in any combination of
     class/register/distillation tokens, pooling, ``qkv_bias``, layer scale and ``qk_norm``.
+    A model that ``vtp.prune`` already shrank is a ``ValueError``.
     """
     from timm.layers import Mlp
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
+    if getattr(model, "vtp_plan", None) is not None:
+        raise ValueError("model: already pruned by vtp.prune; gates and plans apply to the dense model")
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
     for i, block in enumerate(model.blocks):
@@ -68,32 +71,19 @@ def check_supported(model: nn.Module) -> None:
         if type(block) is not Block:
             raise TypeError(f"{where}: VTP supports timm's Block, got {type(block).__name__}")
         attn, mlp = block.attn, block.mlp
-        if type(attn) is not Attention and not _is_pruned_attention(attn):
+        if type(attn) is not Attention:
             raise TypeError(f"{where}.attn: VTP supports timm's Attention, got {type(attn).__name__}")
-        if type(attn) is Attention:
-            if not isinstance(attn.norm, nn.Identity):
-                raise TypeError(f"{where}.attn: attention output normalisation (scale_attn_norm) is not supported")
-            if getattr(attn, "gate", None) is not None:
-                raise TypeError(f"{where}.attn: gated attention (sigmoid output gate) is not supported")
-        if not _is_constant(mlp):
-            if type(mlp) is not Mlp:
-                raise TypeError(f"{where}.mlp: VTP supports timm's Mlp, got {type(mlp).__name__}")
-            if not isinstance(mlp.norm, nn.Identity):
-                raise TypeError(f"{where}.mlp: hidden normalisation (scale_mlp_norm) is not supported")
+        if not isinstance(attn.norm, nn.Identity):
+            raise TypeError(f"{where}.attn: attention output normalisation (scale_attn_norm) is not supported")
+        if getattr(attn, "gate", None) is not None:
+            raise TypeError(f"{where}.attn: gated attention (sigmoid output gate) is not supported")
+        if type(mlp) is not Mlp:
+            raise TypeError(f"{where}.mlp: VTP supports timm's Mlp, got {type(mlp).__name__}")
+        if not isinstance(mlp.norm, nn.Identity):
+            raise TypeError(f"{where}.mlp: hidden normalisation (scale_mlp_norm) is not supported")
         for name in ("norm1", "norm2"):
-            norm = getattr(block, name)
-            if not isinstance(norm, (nn.LayerNorm, nn.Identity)) and type(norm).__name__ != "KeptLayerNorm":
-                raise TypeError(f"{where}.{name}: VTP supports LayerNorm, got {type(norm).__name__}")
-
-
-def _is_pruned_attention(module: nn.Module) -> bool:
-    from .modules import ConstantBranch, PrunedAttention
-    return isinstance(module, (PrunedAttention, ConstantBranch))
-
-
-def _is_constant(module: nn.Module) -> bool:
-    from .modules import ConstantBranch
-    return isinstance(module, ConstantBranch)
+            if not isinstance(getattr(block, name), nn.LayerNorm):
+                raise TypeError(f"{where}.{name}: VTP supports LayerNorm, got {type(getattr(block, name)).__name__}")
 
 
 def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
@@ -104,8 +94,6 @@ def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
     """
     sites = _check_sites(sites)
     check_supported(model)
-    if getattr(model, "vtp_plan", None) is not None:
-        raise ValueError("model: already pruned by vtp.prune; gates go on the dense model")
     for block in model.blocks:
         for site in sites:
             parent, attr = _SITE_LINEAR[site]

@@ -41,8 +41,6 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan: expected a vtp.PruningPlan, got {type(plan).__name__}")
     check_supported(model)
-    if getattr(model, "vtp_plan", None) is not None:
-        raise ValueError("model: already pruned; prune the gated dense model instead")
     plan.check_model(model)
     for block in model.blocks:
         if block.attn.attn_drop.p > 0:
