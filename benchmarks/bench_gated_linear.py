@@ -16,20 +16,15 @@ timing is kept. Results: a table on stdout, ``<name>.json`` and ``<name>.png`` i
     python benchmarks/bench_gated_linear.py                   # GPU: DeiT-B, batch 256, bf16
     python benchmarks/bench_gated_linear.py --smoke --out /tmp/b   # CPU, interpreter, seconds
 """
-import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+import common  # noqa: E402  (puts the repository root on sys.path too)
+
+RESULTS = Path(common.RESULTS)
 
 # (name, K = in_features, N = out_features) of the four linear layers of a DeiT-B block.
 DEIT_B_SHAPES = [("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768)]
@@ -38,11 +33,8 @@ METHODS = ("linear", "eager", "folded", "compiled", "triton")
 MODES = ("fwd", "fwd+bwd")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def parse_args(argv=None):
+    p = common.parser(__doc__)
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the whole script in seconds: tiny shapes, fp32, Triton "
                         "under TRITON_INTERPRET=1, time.perf_counter instead of CUDA events. "
@@ -83,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.tokens = args.tokens or (37 if smoke else 197)
     args.dtype = args.dtype or ("fp32" if smoke else "bf16")
     args.compile_backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
-    args.methods = _subset(args.methods, METHODS, "--methods")
-    args.modes = _subset(args.modes, MODES, "--modes")
+    args.methods = common.subset(args.methods, METHODS, "--methods")
+    args.modes = common.subset(args.modes, MODES, "--modes")
     if args.shapes:
         args.shapes = [(f"{k}x{n}", int(k), int(n))
                        for k, n in (pair.split(":") for pair in args.shapes.split(","))]
@@ -93,40 +85,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _subset(text, allowed, flag):
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in allowed]
-    if unknown:
-        raise SystemExit(f"{flag}: unknown {unknown}; expected a subset of {','.join(allowed)}")
-    return chosen
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.smoke:
-        # The kernels are decorated when vtp_kernels.gated_linear is first imported; the
-        # interpreter has to be on by then.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-    import torch
+    # Before vtp_kernels.gated_linear decorates its kernels (the interpreter in --smoke mode).
+    torch, device = common.setup(
+        args.smoke, args.seed, "bench_gated_linear: no CUDA device; use --smoke for a CPU check of the script")
     import torch.nn.functional as F
-    import triton
 
     from vtp_kernels import reference
     from vtp_kernels.gated_linear import gated_linear_triton
 
-    if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke runs Triton under the interpreter: unset TRITON_INTERPRET or set it to 1")
-        device = torch.device("cpu")
-        device_name = f"cpu ({platform.processor() or platform.machine()}), TRITON_INTERPRET=1"
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_gated_linear: no CUDA device; use --smoke for a CPU check of the script")
-        device = torch.device("cuda")
-        device_name = torch.cuda.get_device_name(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    torch.manual_seed(args.seed)
+    device_name = common.device_name(torch, device) + (", TRITON_INTERPRET=1" if args.smoke else "")
+    dtype = getattr(torch, common.DTYPES[args.dtype])
 
     # Static shapes: each DeiT-B shape gets its own specialised kernels, as in training.
     compiled_reference = torch.compile(reference.gated_linear, backend=args.compile_backend, dynamic=False)
@@ -139,15 +109,9 @@ def main(argv=None) -> dict:
     }
 
     def timer(fn):
-        if args.smoke:
-            fn()  # compilation, autotuning and first-call costs stay out of the timings
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return times
-        return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="all")
+        if args.smoke:  # one untimed call: compilation, autotuning and first-call costs
+            return common.wall_clock_ms(fn, 1, args.repeats)
+        return common.do_bench_ms(fn, args.warmup_ms, args.rep_ms)
 
     M = args.batch * args.tokens
     results, correctness = [], []
@@ -179,7 +143,7 @@ def main(argv=None) -> dict:
                 results.append({
                     "shape": shape, "M": M, "N": N, "K": K, "method": method, "mode": mode,
                     "median_ms": median,
-                    "quantiles_ms": _quantiles(times),
+                    "quantiles_ms": common.quantiles_ms(times),
                     "tflops": flops / (median * 1e-3) / 1e12 if median > 0 else None,
                     "times_ms": times,
                 })
@@ -190,17 +154,11 @@ def main(argv=None) -> dict:
                       and f["shape"] == r["shape"] and f["mode"] == r["mode"]), None)
         r["vs_linear"] = r["median_ms"] / floor if floor else None
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = args.name or f"bench_gated_linear_{_slug(device_name)}_{stamp}"
+    created = common.now()
+    name = args.name or common.timestamped_stem("bench_gated_linear", device_name, created)
     record = {
-        "benchmark": "gated_linear",
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-        "smoke": args.smoke,
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
+        **common.record_head("gated_linear", __file__, argv, smoke=args.smoke, device=device_name,
+                             packages=("torch", "triton", "python"), created=created),
         "dtype": args.dtype,
         "batch": args.batch,
         "tokens": args.tokens,
@@ -211,9 +169,7 @@ def main(argv=None) -> dict:
         "correctness": correctness,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{name}.json"
-    json_path.write_text(json.dumps(record, indent=1))
+    json_path = common.write_json(args.out / f"{name}.json", record)
     print(_table(record))
     print(f"record: {json_path}")
     if not args.no_plot:
@@ -240,17 +196,6 @@ def _max_rel_errors(op, reference_op, inputs, dy):
     }
 
 
-def _quantiles(times):
-    ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-    return {"p10": pick(0.1), "p50": statistics.median(ordered), "p90": pick(0.9),
-            "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
-
-
-def _slug(text):
-    return "".join(c if c.isalnum() else "-" for c in text.split(",")[0].strip().lower()).strip("-")
-
-
 def _table(record):
     methods, rows = record["methods"], []
     header = f"{'shape':>8} {'M x K -> N':>18} {'mode':>7} " + " ".join(f"{m:>9}" for m in methods)
@@ -273,10 +218,7 @@ def _table(record):
 
 
 def _plot(record, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     shapes = list(dict.fromkeys(r["shape"] for r in record["results"]))
     methods, modes = record["methods"], record["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
@@ -293,9 +235,7 @@ def _plot(record, path):
         ax.set_title(f"{mode}, M={record['batch'] * record['tokens']}, {record['dtype']}")
         ax.legend(fontsize=8)
     fig.suptitle(f"gated linear: {record['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

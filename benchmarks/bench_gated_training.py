@@ -14,27 +14,21 @@ versions, command, raw step times) in --out.
     python benchmarks/bench_gated_training.py                     # GPU: DeiT-B, batch 256
     python benchmarks/bench_gated_training.py --smoke --out /tmp/b  # CPU check of the script
 """
-import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+import common  # noqa: E402  (puts the repository root on sys.path too)
+
+RESULTS = Path(common.RESULTS)
 VARIANTS = ("ungated", "gated/torch", "gated/triton")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = common.parser(__doc__)
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the script in seconds: a two-block ViT (width 64, 32x32 "
                         "images), batch 4, fp32, Triton under TRITON_INTERPRET=1, no memory figures. "
@@ -58,42 +52,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch = args.batch or (4 if args.smoke else 256)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     args.steps = args.steps or (2 if args.smoke else 20)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; expected a subset of {','.join(VARIANTS)}")
+    args.variants = common.subset(args.variants, VARIANTS, "--variants")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
-
+    torch, device = common.setup(args.smoke, args.seed,  # before the kernels are decorated
+                                 "bench_gated_training: needs a CUDA GPU (DeiT-B at batch 256); "
+                                 "--smoke checks the script on the CPU with a tiny model")
     import timm
-    import torch
     import torch.nn.functional as F
-    import triton
 
     import vtp
     import vtp_kernels
 
+    device_name = common.device_name(torch, device) + (", TRITON_INTERPRET=1" if args.smoke else "")
     if args.smoke:
-        device = torch.device("cpu")
-        device_name = f"cpu ({platform.machine()}), TRITON_INTERPRET=1"
         build = lambda: timm.models.vision_transformer.VisionTransformer(
             img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
         img_size, num_classes, amp = 32, 10, None
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_gated_training: needs a CUDA GPU (DeiT-B at batch 256); "
-                             "--smoke checks the script on the CPU with a tiny model")
-        device = torch.device("cuda")
-        device_name = torch.cuda.get_device_name(device)
         build = lambda: timm.create_model(args.model, pretrained=False)
         img_size, num_classes, amp = 224, 1000, torch.bfloat16
 
-    torch.manual_seed(args.seed)
     base = build().to(device).train()
     images = torch.randn(args.batch, 3, img_size, img_size, device=device)
     labels = torch.randint(0, num_classes, (args.batch,), device=device)
@@ -117,28 +99,15 @@ def main(argv=None) -> dict:
             optimizer.step()
             return loss.detach()
 
-        times, losses = [], []
+        cuda, losses = device.type == "cuda", []
         with vtp_kernels.use_backend(backend):
             for _ in range(args.warmup):
                 step()
-            if device.type == "cuda":
+            if cuda:  # the peak memory of the timed steps only
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                          for _ in range(args.steps)]
-                for start, end in events:
-                    start.record()
-                    losses.append(step())
-                    end.record()
-                torch.cuda.synchronize()
-                times = [start.elapsed_time(end) for start, end in events]
-                peak = torch.cuda.max_memory_allocated() / 2 ** 20
-            else:
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    losses.append(step())
-                    times.append((time.perf_counter() - t0) * 1e3)
-                peak = None
+            times = common.step_times_ms(torch, lambda: losses.append(step()), 0, args.steps, cuda)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
         losses = [float(x) for x in losses]
         del model, optimizer, forward
         if device.type == "cuda":
@@ -156,19 +125,11 @@ def main(argv=None) -> dict:
     for r in results:
         r["vs_ungated"] = r["median_ms"] / floor if floor else None
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.split(",")[0].lower()).strip("-")
-    name = args.name or f"bench_gated_training_{slug}_{stamp}"
+    created = common.now()
+    name = args.name or common.timestamped_stem("bench_gated_training", device_name, created)
     record = {
-        "benchmark": "gated_training",
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-        "smoke": args.smoke,
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
+        **common.record_head("gated_training", __file__, argv, smoke=args.smoke, device=device_name,
+                             packages=("torch", "triton", "timm", "python"), created=created),
         "model": "smoke_vit" if args.smoke else args.model,
         "batch": args.batch,
         "amp": None if amp is None else str(amp).replace("torch.", ""),
@@ -177,9 +138,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{name}.json"
-    path.write_text(json.dumps(record, indent=1))
+    path = common.write_json(args.out / f"{name}.json", record)
 
     print(f"{record['model']}, batch {args.batch}, {record['amp'] or 'fp32'}, {device_name}")
     print(f"{'variant':>13} {'median ms':>10} {'img/s':>9} {'peak MiB':>9} {'vs ungated':>10}")

@@ -18,56 +18,33 @@ Writes a table to stdout and layer_norm_gather_<device>.json / .png into --out.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import re
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Dict
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Run from a checkout without installing: the repository root holds vtp and vtp_kernels.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+import common  # noqa: E402  (puts the repository root on sys.path too)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a flag's default unless it is None (then the help text says what it depends on)."""
 
-    def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=_HelpFormatter,
-    )
+def parse_args(argv=None):
+    p = common.parser(__doc__, common.DefaultsHelpFormatter)
     p.add_argument("--batch", type=int, default=256, help="images per batch; rows M = batch * tokens")
     p.add_argument("--tokens", type=int, default=197, help="tokens per image (196 patches + class token for DeiT-B/16)")
     p.add_argument("--dim", type=int, default=768, help="LayerNorm width D (DeiT-B: 768)")
     p.add_argument("--keep", type=float, default=0.6, help="share of the D columns kept (k = round(keep * D), random columns)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), default=None,
                    help="dtype of x, weight and bias (default: bf16; fp32 with --smoke, since the interpreter's "
                         "bf16 arithmetic is unreliable)")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time in ms (--smoke: warm-up iterations)")
-    p.add_argument("--rep", type=int, default=200, help="do_bench measuring time in ms (--smoke: timed iterations)")
+    common.add_do_bench_flags(p)
     p.add_argument("--compile-backend", metavar="NAME",
                    help="torch.compile backend for the 'compiled' variant (default: inductor; aot_eager with "
                         "--smoke, to skip C++ compilation)")
     p.add_argument("--seed", type=int, default=0, help="random seed for inputs and kept columns")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON record and the PNG plot")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (JSON and table only)")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU check of the script itself: tiny shape (M=34, D=64), few iterations, Triton under "
-                        "TRITON_INTERPRET=1, wall-clock timing; its numbers are not kernel speeds")
+    common.add_output_flags(p, smoke_help="CPU check of the script itself: tiny shape (M=34, D=64), few iterations, "
+                                          "Triton under TRITON_INTERPRET=1, wall-clock timing; its numbers are not "
+                                          "kernel speeds")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.tokens, args.dim = 2, 17, 64
@@ -80,67 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------
-def time_gpu(fn: Callable[[], object], warmup_ms: int, rep_ms: int, grad_to_none) -> List[float]:
-    from triton.testing import do_bench
-    return list(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="all"))
-
-
-def time_cpu(fn: Callable[[], object], warmup: int, rep: int, grad_to_none) -> List[float]:
-    for _ in range(warmup):
-        fn()
-    raw = []
-    for _ in range(rep):
-        for t in grad_to_none or ():
-            t.grad = None
-        start = time.perf_counter()
-        fn()
-        raw.append((time.perf_counter() - start) * 1e3)
-    return raw
-
-
-def device_record(torch, device) -> Dict[str, object]:
-    import triton
-    rec = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-    }
-    return rec
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-# ---------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
-    if args.smoke:
-        # The interpreter must be on before triton decorates the kernels.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
+    torch, device = common.setup(args.smoke, args.seed)
     import torch.nn.functional as F
 
     from vtp_kernels import reference
     from vtp_kernels.layer_norm_gather import layer_norm_gather_triton
 
-    if args.smoke:
-        device = torch.device("cpu")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke runs Triton under the interpreter: unset TRITON_INTERPRET or set it to 1")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        raise SystemExit("no CUDA device: run with --smoke for a CPU check of the script")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    torch.manual_seed(args.seed)
+    dtype = getattr(torch, common.DTYPES[args.dtype])
     M, D = args.batch * args.tokens, args.dim
     k = max(1, round(args.keep * D))
 
@@ -178,11 +105,9 @@ def main(argv=None) -> Dict[str, object]:
         err = (got.detach().float() - want.detach()).abs().max() / want.detach().abs().max().clamp_min(1e-12)
         checks[name] = float(err)
     bound = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}[dtype]
-    bad = {n: e for n, e in checks.items() if not e <= bound}
-    if bad:
-        raise SystemExit(f"triton layer_norm_gather disagrees with the reference (max error / max |ref| > {bound}): {bad}")
+    common.require_within(checks, bound, "triton layer_norm_gather", "max error / max |ref|")
 
-    timer = time_cpu if args.smoke else time_gpu
+    timer = common.wall_clock_ms if args.smoke else common.do_bench_ms
     elem = x.element_size()
     # Bytes the fused op must move at minimum: the basis of the GB/s column for every variant.
     ideal_bytes = {"fwd": M * (D + k) * elem, "fwd+bwd": M * (2 * D + k) * elem + M * (D + k) * elem}
@@ -207,14 +132,12 @@ def main(argv=None) -> Dict[str, object]:
             })
 
     record = {
-        "benchmark": "layer_norm_gather",
-        **device_record(torch, device),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None
-        else "python benchmarks/bench_layer_norm_gather.py " + " ".join(argv),
-        "smoke": args.smoke,
+        **common.record_head("layer_norm_gather", __file__, argv, smoke=args.smoke,
+                             device=common.device_name(torch, device), packages=("python", "torch", "triton", "cuda")),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "config": {"M": M, "D": D, "k": k, "batch": args.batch, "tokens": args.tokens, "dtype": args.dtype,
                    "warmup": args.warmup, "rep": args.rep, "compile_backend": args.compile_backend,
-                   "timer": "perf_counter wall clock" if args.smoke else "triton.testing.do_bench, L2 flushed",
+                   "timer": common.TIMER_WALL_CLOCK if args.smoke else common.TIMER_DO_BENCH,
                    "seed": args.seed},
         "correctness": {"max_err_over_max_ref": checks, "bound": bound},
         "results": results,
@@ -222,42 +145,29 @@ def main(argv=None) -> Dict[str, object]:
     }
 
     print(f"layer_norm_gather  M={M} D={D} k={k} {args.dtype}  on {record['device']}"
-          + ("  [smoke: interpreter, not kernel speeds]" if args.smoke else ""))
+          + common.smoke_suffix(args.smoke, "  [smoke: interpreter, not kernel speeds]"))
     print(f"{'mode':<9}{'variant':<11}{'median ms':>11}{'GB/s':>9}{'vs floor':>10}")
     for r in results:
         floor = record["medians_ms"][f"{r['mode']}/floor"]
         print(f"{r['mode']:<9}{r['variant']:<11}{r['median_ms']:>11.4f}{r['gb_per_s']:>9.1f}{r['median_ms'] / floor:>9.2f}x")
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "layer_norm_gather_" + ("smoke" if args.smoke else slug(record["device"])))
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1)
-    if not args.no_plot:
-        plot(record, stem + ".png")
-    print(f"wrote {stem}.json" + ("" if args.no_plot else f" and {stem}.png"))
+    stem = common.output_stem(args.out, "layer_norm_gather", args.smoke, record["device"])
+    common.save_record(record, stem, None if args.no_plot else plot)
     return record
 
 
 def plot(record: Dict[str, object], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     modes = ["fwd", "fwd+bwd"]
     variants = ["triton", "reference", "compiled", "floor"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, mode in zip(axes, modes):
-        meds = [record["medians_ms"][f"{mode}/{v}"] for v in variants]
-        bars = ax.bar(variants, meds, color=["C0", "C1", "C2", "0.6"])
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        common.bar_panel(ax, variants, [record["medians_ms"][f"{mode}/{v}"] for v in variants])
         ax.set_title(mode)
-        ax.set_ylabel("median ms (lower is better)")
     c = record["config"]
     fig.suptitle(f"layer_norm_gather M={c['M']} D={c['D']} k={c['k']} {c['dtype']} on {record['device']}"
-                 + (" [smoke]" if record["smoke"] else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                 + common.smoke_suffix(record["smoke"]), fontsize=9)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -24,40 +24,24 @@ speed-up against MACs reduction (with the y = x line) in --out.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List
+from typing import Dict, List
 
-# Run from a checkout without installing: the repository root holds vtp and vtp_kernels.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+import common  # noqa: E402  (puts the repository root on sys.path too)
+
 DEFAULT_MODELS = ["deit_small_patch16_224", "deit_base_patch16_224"]
 SMOKE_MODEL = "smoke_vit"  # a two-block ViT on 32x32 images, built in this file
 AMP = {"bf16": "bfloat16", "fp16": "float16", "none": None}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a flag's default unless it is None (then the help text says what it depends on)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+def parse_args(argv=None):
+    p = common.parser(__doc__, common.DefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help=f"timm model names, built with pretrained=False (default: {' '.join(DEFAULT_MODELS)}; "
                         f"with --smoke: a tiny 2-block ViT)")
@@ -86,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the train step")
     p.add_argument("--check-batch", type=int, default=32, help="batch of the triton-vs-torch logits check")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, gate values, inputs")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON record and PNG plot")
+    p.add_argument("--out", default=common.RESULTS, help="folder for the JSON record and PNG plot")
     p.add_argument("--tag", default=None, help="suffix of the output file names (default: device name)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--smoke", action="store_true",
@@ -146,36 +130,7 @@ def gated_copy(dense, seed: int):
 # ---------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------
-class Timer:
-    """Per-step wall times: CUDA events on a GPU, perf_counter on a CPU."""
-
-    def __init__(self, torch, device):
-        self.torch, self.cuda = torch, device.type == "cuda"
-
-    def __call__(self, step: Callable[[], None], warmup: int, iters: int) -> List[float]:
-        torch = self.torch
-        for _ in range(warmup):
-            step()
-        raw = []
-        if self.cuda:
-            torch.cuda.synchronize()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(iters)]
-            for start, end in events:
-                start.record()
-                step()
-                end.record()
-            torch.cuda.synchronize()
-            raw = [start.elapsed_time(end) for start, end in events]
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                step()
-                raw.append((time.perf_counter() - t0) * 1e3)
-        return raw
-
-
-def measure(torch, model, mode: str, args, device, timer: Timer, compiled: bool) -> Dict[str, object]:
+def measure(torch, model, mode: str, args, device, compiled: bool) -> Dict[str, object]:
     """Time one (model, mode, compile) combination; returns raw/median step times and peak memory."""
     import torch.nn.functional as F
 
@@ -214,7 +169,7 @@ def measure(torch, model, mode: str, args, device, timer: Timer, compiled: bool)
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
-    raw = timer(step, args.warmup, args.iters)
+    raw = common.step_times_ms(torch, step, args.warmup, args.iters, device.type == "cuda")
     median = statistics.median(raw)
     return {
         "raw_ms": raw, "median_ms": median, "images_per_s": args.batch / (median * 1e-3),
@@ -250,56 +205,35 @@ def check_logits(torch, vtp_kernels, pruned, args, device) -> float:
 # ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
-def environment(torch, device) -> Dict[str, object]:
-    import timm
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                "cuda": torch.version.cuda}
-    try:
-        import triton
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"device": name, "versions": versions}
-
-
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
-    args.command = "python benchmarks/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     import torch
 
+    device = common.pick_device(torch, args.smoke)
     if args.smoke:
-        device = torch.device("cpu")
         # One thread: a loaded CPU (tests running beside us) makes multi-threaded steps erratic.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return _main(args, torch, device)
+            return _main(args, argv, torch, device)
         finally:
             torch.set_num_threads(threads)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        raise SystemExit("no CUDA device: run with --smoke for a CPU check of the script")
-    return _main(args, torch, device)
+    return _main(args, argv, torch, device)
 
 
-def _main(args, torch, device) -> Dict[str, object]:
+def _main(args, argv, torch, device) -> Dict[str, object]:
     import vtp
     import vtp_kernels
 
     if "triton" in args.backends and device.type != "cuda":
         raise SystemExit("--backends triton needs a GPU here (the interpreter would time Python, not kernels)")
     torch.manual_seed(args.seed)
-    timer = Timer(torch, device)
     compile_modes = [False] if args.no_compile else [False, True]
     record = {
-        "benchmark": "model",
-        **environment(torch, device),
-        "command": args.command,
-        "smoke": args.smoke,
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_plot", "tag", "command")},
+        **common.record_head("model", __file__, argv, smoke=args.smoke,
+                             device=common.device_name(torch, device, cores=True),
+                             packages=("python", "torch", "timm", "cuda", "triton")),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_plot", "tag")},
         "timer": "CUDA events per step" if device.type == "cuda" else "perf_counter per step",
         "models": {}, "correctness": {}, "results": [],
     }
@@ -309,7 +243,7 @@ def _main(args, torch, device) -> Dict[str, object]:
             torch._dynamo.reset()  # fresh caches: no recompile limit, no shapes marked dynamic
         try:
             with vtp_kernels.use_backend(backend or "torch"):
-                res = measure(torch, model, mode, args, device, timer, compiled)
+                res = measure(torch, model, mode, args, device, compiled)
         except Exception as e:  # keep the other measurements; the record says what failed
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
@@ -365,23 +299,13 @@ def _main(args, torch, device) -> Dict[str, object]:
 
     record["medians_ms"] = {key(r): r["median_ms"] for r in record["results"] if "median_ms" in r}
     record["speedups"] = {key(r): r["speedup_vs_dense"] for r in record["results"] if "speedup_vs_dense" in r}
-    os.makedirs(args.out, exist_ok=True)
-    tag = args.tag or ("smoke" if args.smoke else slug(record["device"]))
-    stem = os.path.join(args.out, f"model_{tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1)
-    if not args.no_plot:
-        plot(record, stem + ".png")
-    print(f"wrote {stem}.json" + ("" if args.no_plot else f" and {stem}.png"))
+    stem = common.output_stem(args.out, "model", args.smoke, record["device"], args.tag)
+    common.save_record(record, stem, None if args.no_plot else plot)
     return record
 
 
 def key(r) -> str:
     return f"{r['model']}/{r['variant']}/{r['backend'] or '-'}/{'compiled' if r['compile'] else 'eager'}/{r['mode']}"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def header() -> str:
@@ -400,10 +324,7 @@ def format_row(r) -> str:
 
 def plot(record: Dict[str, object], path: str) -> None:
     """Measured speed-up against MACs reduction (dense MACs / pruned MACs), one panel per mode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     rows = [r for r in record["results"] if "speedup_vs_dense" in r]
     modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)] or ["infer"]
     models = list(record["models"])
@@ -427,10 +348,8 @@ def plot(record: Dict[str, object], path: str) -> None:
         ax.set_title(f"{mode}, batch {record['config']['batch']}, amp {record['config']['amp']}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"VTP pruned vs dense on {record['device']}" + (" [smoke]" if record["smoke"] else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"VTP pruned vs dense on {record['device']}" + common.smoke_suffix(record["smoke"]), fontsize=9)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -23,26 +23,20 @@ kept. Writes a table to stdout and packed_attention_<device>.json / .png into --
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
+import common  # noqa: E402  (puts the repository root on sys.path too)
+
 MODELS = {"deit_s": 6, "deit_b": 12}            # heads; both have head dim 64
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 VARIANTS = ("triton", "reference", "compiled", "dense")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def parse_args(argv=None):
+    p = common.parser(__doc__, argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["deit_s", "deit_b"],
                    help="attention shapes to run: deit_s (6 heads) and/or deit_b (12 heads), head dim 64")
     p.add_argument("--batch", type=int, default=256, help="images per batch B")
@@ -54,17 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="heads whose gate scores are forced below the threshold (whole heads removed)")
     p.add_argument("--round-to", type=int, default=1,
                    help="round every kept width up to a multiple of this (8 keeps tensor cores fed); 1 = off")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of q, k, v")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time in ms (--smoke: warm-up iterations)")
-    p.add_argument("--rep", type=int, default=200, help="do_bench measuring time in ms (--smoke: timed iterations)")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="dtype of q, k, v")
+    common.add_do_bench_flags(p)
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the 'compiled' variant (default: inductor; aot_eager with --smoke)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the width pattern and the inputs")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON record and the PNG plot")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (JSON and table only)")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU check of the script itself: tiny shapes (B=1, N=13, D=16), fp32, few iterations, "
-                        "Triton under TRITON_INTERPRET=1, wall-clock timing; its numbers are not kernel speeds")
+    common.add_output_flags(p, smoke_help="CPU check of the script itself: tiny shapes (B=1, N=13, D=16), fp32, few "
+                                          "iterations, Triton under TRITON_INTERPRET=1, wall-clock timing; its "
+                                          "numbers are not kernel speeds")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.tokens, args.head_dim, args.dtype = 1, 13, 16, "fp32"
@@ -72,40 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
     return args
-
-
-# ---------------------------------------------------------------------------------------
-# Timing and records
-# ---------------------------------------------------------------------------------------
-def time_gpu(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> List[float]:
-    from triton.testing import do_bench
-    return list(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
-
-
-def time_cpu(fn: Callable[[], object], warmup: int, rep: int) -> List[float]:
-    for _ in range(warmup):
-        fn()
-    raw = []
-    for _ in range(rep):
-        start = time.perf_counter()
-        fn()
-        raw.append((time.perf_counter() - start) * 1e3)
-    return raw
-
-
-def device_record(torch, device) -> Dict[str, object]:
-    import triton
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": triton.__version__, "cuda": torch.version.cuda},
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-    }
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,10 +142,7 @@ def run_model(torch, F, args, name: str, device, dtype, timer, generator) -> Tup
     checks = {"out": rel_err(got, want), "dqkv": rel_err(got_grad, want_grad)}
     # bf16 rounds P, V, dO and the outputs to 8 bits (2**-8 ~ 4e-3 per element); fp16 to 11.
     bound = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
-    bad = {n: e for n, e in checks.items() if not e <= bound}
-    if bad:
-        raise SystemExit(f"{name}: triton packed_attention disagrees with the reference "
-                         f"(error norm / reference norm > {bound}): {bad}")
+    common.require_within(checks, bound, f"{name}: triton packed_attention", "error norm / reference norm")
 
     results = []
     for mode in ("fwd", "fwd+bwd"):
@@ -212,24 +166,12 @@ def run_model(torch, F, args, name: str, device, dtype, timer, generator) -> Tup
 
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
-    if args.smoke:
-        # The interpreter must be on before triton decorates the kernels.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
+    torch, device = common.setup(args.smoke, args.seed)  # before vtp_kernels is imported
     import torch.nn.functional as F
 
-    if args.smoke:
-        device = torch.device("cpu")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke runs Triton under the interpreter: unset TRITON_INTERPRET or set it to 1")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        raise SystemExit("no CUDA device: run with --smoke for a CPU check of the script")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    torch.manual_seed(args.seed)
+    dtype = getattr(torch, common.DTYPES[args.dtype])
     generator = torch.Generator().manual_seed(args.seed)
-    timer = time_cpu if args.smoke else time_gpu
+    timer = common.wall_clock_ms if args.smoke else common.do_bench_ms
 
     models, results = {}, []
     for name in args.models:
@@ -237,16 +179,14 @@ def main(argv=None) -> Dict[str, object]:
         results += model_results
 
     record = {
-        "benchmark": "packed_attention",
-        **device_record(torch, device),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None
-        else "python benchmarks/bench_packed_attention.py " + " ".join(argv),
-        "smoke": args.smoke,
+        **common.record_head("packed_attention", __file__, argv, smoke=args.smoke,
+                             device=common.device_name(torch, device), packages=("python", "torch", "triton", "cuda")),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "config": {"models": args.models, "batch": args.batch, "tokens": args.tokens, "head_dim": args.head_dim,
                    "prune": args.prune, "dropped_heads": args.dropped_heads, "round_to": args.round_to,
                    "dtype": args.dtype, "warmup": args.warmup, "rep": args.rep,
                    "compile_backend": args.compile_backend, "seed": args.seed,
-                   "timer": "perf_counter wall clock" if args.smoke else "triton.testing.do_bench, L2 flushed"},
+                   "timer": common.TIMER_WALL_CLOCK if args.smoke else common.TIMER_DO_BENCH},
         "models": models,
         "correctness": {name: {"rel_err": m["max_rel_err"], "bound": m["bound"]} for name, m in models.items()},
         "results": results,
@@ -254,7 +194,7 @@ def main(argv=None) -> Dict[str, object]:
     }
 
     print(f"packed_attention  B={args.batch} N={args.tokens} D={args.head_dim} {args.dtype}  on {record['device']}"
-          + ("  [smoke: interpreter, not kernel speeds]" if args.smoke else ""))
+          + common.smoke_suffix(args.smoke, "  [smoke: interpreter, not kernel speeds]"))
     for name, m in models.items():
         s = m["shape"]
         print(f"  {name}: widths {s['v_widths']} (kept {s['v_total']}/{s['heads'] * s['head_dim']}, "
@@ -267,37 +207,24 @@ def main(argv=None) -> Dict[str, object]:
         print(f"{r['model']:<8}{r['mode']:<9}{r['variant']:<11}{r['median_ms']:>11.4f}"
               f"{ref / r['median_ms']:>13.2f}x{dense / r['median_ms']:>9.2f}x")
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "packed_attention_" + ("smoke" if args.smoke else slug(record["device"])))
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1)
-    if not args.no_plot:
-        plot(record, stem + ".png")
-    print(f"wrote {stem}.json" + ("" if args.no_plot else f" and {stem}.png"))
+    stem = common.output_stem(args.out, "packed_attention", args.smoke, record["device"])
+    common.save_record(record, stem, None if args.no_plot else plot)
     return record
 
 
 def plot(record: Dict[str, object], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     models: Sequence[str] = record["config"]["models"]
     modes = ("fwd", "fwd+bwd")
     fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.4 * len(models)), squeeze=False)
     for row, name in enumerate(models):
         for ax, mode in zip(axes[row], modes):
-            meds = [record["medians_ms"][f"{name}/{mode}/{v}"] for v in VARIANTS]
-            bars = ax.bar(VARIANTS, meds, color=["C0", "C1", "C2", "0.6"])
-            ax.bar_label(bars, fmt="%.3g", fontsize=8)
+            common.bar_panel(ax, VARIANTS, [record["medians_ms"][f"{name}/{mode}/{v}"] for v in VARIANTS])
             ax.set_title(f"{name} {mode}", fontsize=9)
-            ax.set_ylabel("median ms (lower is better)")
     c = record["config"]
     fig.suptitle(f"packed_attention B={c['batch']} N={c['tokens']} D={c['head_dim']} prune={c['prune']} "
-                 f"{c['dtype']} on {record['device']}" + (" [smoke]" if record["smoke"] else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                 f"{c['dtype']} on {record['device']}" + common.smoke_suffix(record["smoke"]), fontsize=9)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

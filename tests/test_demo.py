@@ -19,7 +19,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     small = vtp.load(tmp_path / "pruned")
     assert vtp.profile(small).macs == results["pruned"]["macs"]
     assert vtp.PruningPlan.load(str(tmp_path / "plan.json")) == small.vtp_plan
-    assert (tmp_path / "kept_dims.png").stat().st_size > 0
+    assert (tmp_path / "kept_dims.png").stat().st_size > 0 and (tmp_path / "gate_hist.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "top-1 %" in out and "pruned" in out
 

@@ -49,6 +49,13 @@ def test_round_to_and_min_keep(model):
     for name, idx in plan.kept.items():
         n = len(idx)
         assert n >= 16 and (n % 8 == 0 or n == plan.sizes[name])
+        if name.endswith("attn_out"):  # rounded head by head
+            widths = [sum(1 for i in idx if i // plan.head_dim == h) for h in range(3)]
+            assert all(w % 8 == 0 for w in widths), widths
+    plan = vtp.plan(model, ratio=0.6, round_to=8)
+    for name in plan.kept:
+        if name.endswith("attn_out"):
+            assert all(w % 8 == 0 for w in plan.head_widths(int(name.split(".")[1]), 3)), name
     plan0 = vtp.plan(model, ratio=0.6)
     assert plan0.kept["blocks.0.mlp_in"] == []
 

@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -134,33 +134,11 @@ def _table(rows, headers) -> str:
     return "\n".join(out)
 
 
-def _plot_kept(plan, path: Path) -> Optional[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .gates import SITES
-
-    blocks = sorted({int(n.split(".")[1]) for n in plan.kept})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(SITES)
-    for j, site in enumerate(SITES):
-        share = [len(plan.kept.get(f"blocks.{b}.{site}", ())) / plan.sizes.get(f"blocks.{b}.{site}", 1)
-                 for b in blocks]
-        ax.bar([b + (j - 1.5) * width for b in blocks], share, width, label=site)
-    ax.set(xlabel="block", ylabel="share of dims kept", ylim=(0, 1.05), xticks=blocks,
-           title=f"VTP: kept dimensions per block ({100 * plan.pruned_ratio:.0f} % of gated dims pruned)")
-    ax.legend(ncol=4, fontsize=8, loc="lower center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the results dict also written to ``<out>/results.json``."""
-    from . import add_gates, gate_values, param_groups, plan, profile, prune, save
+    from . import add_gates, gates, param_groups, plan, profile, prune, save
     from .data import load_mnist_5k, train_test_split
+    from .report import plot_gate_hist, plot_kept
 
     for name in ("dense_epochs", "sparse_epochs", "finetune_epochs", "batch_size", "round_to"):
         if getattr(args, name) < (0 if name.endswith("epochs") else 1):
@@ -199,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     # 3. prune at one global threshold, then fine-tune the smaller model
     pruning_plan = plan(model, ratio=args.ratio, round_to=args.round_to)
     pruning_plan.save(str(out / "plan.json"))
-    torch.save(gate_values(model), out / "gate_values.pt")
+    gate_snapshot = {name: g.detach().float().tolist() for name, g in gates(model).items()}
     small = prune(model, pruning_plan)
     pruned_acc_before = evaluate(small, test_data)
     opt = torch.optim.AdamW(param_groups(small, weight_decay=0.05), lr=args.lr / 4)
@@ -225,7 +203,8 @@ def run(args: argparse.Namespace) -> dict:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out / "results.json")
-    _plot_kept(pruning_plan, out / "kept_dims.png")
+    plot_kept(pruning_plan.to_dict(), str(out / "kept_dims.png"))
+    plot_gate_hist(gate_snapshot, pruning_plan.to_dict(), str(out / "gate_hist.png"))
 
     print()
     print(pruning_plan.summary())
@@ -240,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
           f"MACs x{dense_profile.macs / pruned_profile.macs:.2f} fewer, "
           f"CPU speed-up x{pruned_speed['images_per_s'] / dense_speed['images_per_s']:.2f} "
           f"(batch 256, {torch.get_num_threads()} threads)")
-    print(f"wrote {out}/: dense/, pruned/ (vtp.load), plan.json, results.json, kept_dims.png "
+    print(f"wrote {out}/: dense/, pruned/ (vtp.load), plan.json, results.json, kept_dims.png, gate_hist.png "
           f"in {results['seconds']:.0f} s")
     return results
 

@@ -149,6 +149,19 @@ def _keep_top(scores: torch.Tensor, count: int) -> List[int]:
     return sorted(order.tolist())
 
 
+def _round_heads(scores: torch.Tensor, kept: List[int], head_dim: int, round_to: int) -> List[int]:
+    """Round every non-zero head width of an ``attn_out`` selection up to ``round_to``,
+    adding the head's best-scoring dims, never past ``head_dim``."""
+    if round_to == 1:
+        return kept
+    out: List[int] = []
+    for h in range(scores.numel() // head_dim):
+        width = sum(1 for i in kept if i // head_dim == h)
+        width = _adjust(width, head_dim, round_to, 0)
+        out += [h * head_dim + i for i in _keep_top(scores[h * head_dim:(h + 1) * head_dim], width)]
+    return out
+
+
 def _adjust(count: int, size: int, round_to: int, min_keep: int) -> int:
     count = max(count, min(min_keep, size))
     if count:
@@ -170,6 +183,8 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     Then per gate: at least ``min_keep`` dims are kept (default 0: a gate may vanish, which
     removes a head or turns a branch into a constant), and a non-zero kept count is rounded
     up to a multiple of ``round_to`` (tensor-core friendly widths), never past the gate size.
+    For ``attn_out`` the rounding applies to each head's value width, which is what the
+    attention kernels and the output projection see.
     ``img_size`` sets the token count used for ``flops_target`` (default: the model's).
     """
     found = _require_gates(model)
@@ -196,7 +211,15 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     rule = {"scope": scope, "round_to": round_to, "min_keep": min_keep}
 
     def finish(counts: Dict[str, int]) -> Dict[str, List[int]]:
-        return {n: _keep_top(scores[n], _adjust(counts[n], sizes[n], round_to, min_keep)) for n in names}
+        kept = {}
+        for n in names:
+            if n.endswith(".attn_out"):
+                # What the attention kernels see is each head's value width: round those.
+                idx = _keep_top(scores[n], _adjust(counts[n], sizes[n], 1, min_keep))
+                kept[n] = _round_heads(scores[n], idx, head_dim, round_to)
+            else:
+                kept[n] = _keep_top(scores[n], _adjust(counts[n], sizes[n], round_to, min_keep))
+        return kept
 
     if ratio is not None:
         rule["ratio"] = float(ratio)
