@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -11,20 +12,10 @@ import yaml
 import vtp
 from vtp import cli
 
-from cli_helpers import FAST, TINY_MODEL, flags, make_image_folder
+from cli_helpers import FAST, TINY_MODEL, flags
+from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 TRAIN = ["-b", "8", "--save-every", "0", "--log-every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _in_tmp_dir(tmp_path, monkeypatch):
-    # A command run without --output writes runs/...; keep that out of the checkout.
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +93,12 @@ def test_stage_commands_on_a_run(full_run, tmp_path, data_dir, capsys):
                            "--bench-batch-size", "2", "--output", str(tmp_path / "e")], FAST)) == 0
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert result["val_images"] == 16
+    # no validation split: size, MACs and speed only
+    assert cli.main(flags(["eval", str(tmp_path / "p"), "--data", str(data_dir), "--val-split", "",
+                           "--bench-steps", "1", "--bench-batch-size", "2", "--output",
+                           str(tmp_path / "e0")], FAST)) == 0
+    result = json.loads((tmp_path / "e0" / "eval.json").read_text())
+    assert "val_images" not in result and result["images_per_s"] > 0
     capsys.readouterr()
     assert cli.main(["report", str(full_run), "--output", str(tmp_path / "r")]) == 0
     text = capsys.readouterr().out
@@ -122,11 +119,16 @@ def test_sparse_train_synthetic_then_finetune(tmp_path):
     assert vtp.load(tmp_path / "f" / "model").num_classes == 3
 
 
-def test_demo_command_calls_vtp_demo(monkeypatch):
+def test_demo_command_calls_vtp_demo(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(vtp.demo, "run", lambda args: seen.setdefault("args", args))
     assert cli.main(["demo", "--sparse-epochs", "1"]) == 0
     assert isinstance(seen["args"], argparse.Namespace) and seen["args"].sparse_epochs == 1
+    # like every command, demo takes --config
+    (tmp_path / "demo.yaml").write_text("dense-epochs: 2\n")
+    seen.clear()
+    assert cli.main(["demo", "--config", str(tmp_path / "demo.yaml")]) == 0
+    assert seen["args"].dense_epochs == 2
 
 
 # ---- errors: one clean message, before any work -------------------------------------------
@@ -217,5 +219,144 @@ def test_existing_run_needs_resume(capsys, tmp_path, full_run):
     assert "already holds a run" in err and "--resume" in err
     err = _error(capsys, ["sparse-train", "--synthetic", "--resume", "--output", str(tmp_path)] + TINY_MODEL)
     assert "no checkpoint" in err
+    err = _error(capsys, ["sparse-train", "--synthetic", "--resume", "-o", str(tmp_path / "new")])
+    assert "no checkpoint" in err and not (tmp_path / "new").exists()
+    assert "--resume: give the --output" in _error(capsys, ["finetune", str(full_run), "--synthetic",
+                                                            "--resume"])
     err = _error(capsys, ["prune", str(tmp_path)])
     assert "holds no model saved by vtp.save" in err
+
+
+def test_bad_values_and_pruning_settings_stop_before_any_work(capsys, tmp_path, full_run):
+    out = tmp_path / "o"
+    assert "--mixup-prob: must be in [0, 1]" in _error(
+        capsys, ["sparse-train", "--mixup-prob", "2"], code=2)
+    assert "--seed: must be >= 0" in _error(capsys, ["sparse-train", "--seed", "-1"], code=2)
+    assert "--img-size: must be >= 1" in _error(capsys, ["prune", "x", "--img-size", "0"], code=2)
+    assert "--flops-target: must be in (0, 1]" in _error(
+        capsys, ["run", "--flops-target", "0"], code=2)
+    assert "--lr: expected a number, got 'fast'" in _error(
+        capsys, ["finetune", "x", "--lr", "fast"], code=2)
+    # vtp run would otherwise find these only after sparse training
+    run = flags(["run", "--synthetic", "--synthetic-size", "4", "--synthetic-val-size", "0",
+                 "--sparse-epochs", "1", "--finetune-epochs", "1", "-b", "4", "-o", str(out)],
+                TINY_MODEL, FAST)
+    err = _error(capsys, run + ["--flops-target", "0.5", "--scope", "layer"])
+    assert "--flops-target" in err and "--scope layer" in err
+    assert "--plan nope.json: file not found" in _error(capsys, run + ["--plan", "nope.json"])
+    (tmp_path / "bad.json").write_text("{")
+    assert f"--plan {tmp_path / 'bad.json'}: plan: not valid JSON" in _error(
+        capsys, run + ["--plan", str(tmp_path / "bad.json")])
+    err = _error(capsys, ["sparse-train", "--data", str(full_run.parent), "--train-split", "run",
+                          "--val-split", "run", "--aa", "bogus", "-o", str(out)] + TINY_MODEL)
+    assert "--aa bogus: not a timm augmentation policy" in err
+    assert not out.exists()
+
+
+def test_saved_model_settings_are_checked_before_any_work(capsys, tmp_path, full_run, data_dir):
+    out = tmp_path / "o"
+    data = ["--data", str(data_dir), "-o", str(out)]
+    err = _error(capsys, ["eval", str(full_run), "--num-classes", "7"] + data)
+    model = full_run / "finetune" / "model"
+    assert f"--num-classes 7: the model in {model} predicts 4 classes" in err
+    err = _error(capsys, ["finetune", str(full_run), "--img-size", "64"] + data)
+    assert "--img-size 64: the model in" in err and "takes 32x32 images" in err
+    err = _error(capsys, ["finetune", str(full_run / "sparse-train")] + data)
+    assert "gated model that is not pruned" in err
+    assert not out.exists()
+
+
+def test_class_indices_follow_the_model(capsys, tmp_path, full_run, data_dir, monkeypatch):
+    """Fine-tuning and evaluation label images with the class indices the model was trained
+    with, also on a folder holding only some of its classes; a class folder the model does not
+    know (or one the training split lacks) is an error, not silently dropped images."""
+    import shutil
+
+    from vtp import engine
+
+    subset = tmp_path / "subset"
+    shutil.copytree(data_dir, subset)
+    for split in ("train", "val"):
+        shutil.rmtree(subset / split / "class_0")
+    seen = {}
+
+    def fake_fit(model, cfg, info, train_ds, val_ds, out_dir, **kwargs):
+        seen["train"], seen["val"] = train_ds, val_ds
+        return {"stopped": True}
+
+    monkeypatch.setattr(engine, "fit", fake_fit)
+    assert cli.main(flags(["finetune", str(full_run), "--data", str(subset), "-b", "8",
+                           "-o", str(tmp_path / "f")], FAST)) == 0
+    for ds in (seen["train"], seen["val"]):
+        samples = ds.base.reader.samples
+        assert len(samples) > 0
+        folders = {os.path.basename(os.path.dirname(path)) for path, _ in samples}
+        assert folders == {"class_1", "class_2", "class_3"}
+        assert all(target == int(os.path.basename(os.path.dirname(path))[len("class_"):])
+                   for path, target in samples)
+
+    (subset / "val" / "class_9").mkdir()
+    shutil.copy(data_dir / "val" / "class_1" / "0.png", subset / "val" / "class_9" / "0.png")
+    err = _error(capsys, flags(["eval", str(full_run), "--data", str(subset), "--bench-steps", "0",
+                                "-o", str(tmp_path / "e")], FAST))
+    assert "class folders class_9 are not among the 4 classes of the model" in err
+    err = _error(capsys, flags(["sparse-train", "--data", str(subset), "-o", str(tmp_path / "s")],
+                               TINY_MODEL, FAST))
+    assert "class folders class_9 are not among the 3 classes of the training split" in err
+
+
+def test_run_reads_only_what_rank_0_finished_writing(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 alone writes each stage's model and every process loads it for
+    the next stage: between the write and any load there must be a collective (barrier or
+    broadcast). Checked in one process by recording saves, collectives and loads. The dense
+    checkpoint's normalisation also reaches the dense evaluation."""
+    import timm
+
+    from vtp import engine
+
+    dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                              patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    vtp.save(dense, tmp_path / "dense", metadata={"data": {"mean": [0.5] * 3, "std": [0.25] * 3}})
+    events = []
+
+    def spy(kind, real, path_arg=None):
+        def call(*args, **kwargs):
+            events.append((kind, None if path_arg is None else os.path.abspath(args[path_arg])))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(vtp, "save", spy("write", vtp.save, 1))
+    monkeypatch.setattr(engine, "load_vtp_model", spy("read", engine.load_vtp_model, 0))
+    monkeypatch.setattr(engine, "barrier", spy("sync", engine.barrier))
+    monkeypatch.setattr(engine, "broadcast_object", spy("sync", engine.broadcast_object))
+    out = tmp_path / "run"
+    assert cli.main(flags(["run", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size",
+                           "4", "--num-classes", "3", "--checkpoint", str(tmp_path / "dense"),
+                           "--sparse-epochs", "1", "--finetune-epochs", "1", "-b", "4",
+                           "--mixup", "0", "--cutmix", "0", "--bench-steps", "0",
+                           "--save-every", "0", "-o", str(out)], TINY_MODEL, FAST)) == 0
+    reads = [(i, path) for i, (kind, path) in enumerate(events) if kind == "read"]
+    assert {path for _, path in reads} >= {str(out / stage / "model")
+                                           for stage in ("sparse-train", "prune", "finetune")}
+    for i, path in reads:
+        writes = [j for j, event in enumerate(events[:i]) if event == ("write", path)]
+        if writes:
+            between = [kind for kind, _ in events[writes[-1] + 1:i]]
+            assert "sync" in between, f"{path} loaded with no collective after rank 0 wrote it"
+    for name in ("eval-dense", "eval-pruned"):
+        result = json.loads((out / name / "eval.json").read_text())
+        assert result["mean"] == [0.5] * 3 and result["std"] == [0.25] * 3, name
+
+
+def test_report_plots_the_task_loss(full_run):
+    from vtp import report
+
+    rows = report.collect(str(full_run))["metrics"]
+    sparse = [r for r in rows["sparse-train"] if r["kind"] == "epoch"][-1]
+    tuned = [r for r in rows["finetune"] if r["kind"] == "epoch"][-1]
+    # sparse training's loss holds lambda * sum|gate|, which the validation loss does not
+    assert sparse["train_task_loss"] < sparse["train_loss"]
+    assert tuned["train_task_loss"] == tuned["train_loss"]
+    assert report._task_loss(sparse, "train_loss") == sparse["train_task_loss"]
+    step = [r for r in rows["sparse-train"] if r["kind"] == "train"][-1]
+    assert report._task_loss(step, "loss") == step["task_loss"] < step["loss"]

@@ -1,6 +1,7 @@
 """The quick-start demo, cut to one epoch per stage: every stage runs and writes its files."""
 import json
 
+import pytest
 import torch
 
 import vtp
@@ -30,3 +31,16 @@ def test_demo_data_is_real_mnist():
     assert images.shape == (5000, 1, 28, 28) and labels.shape == (5000,)
     assert torch.bincount(labels, minlength=10).min() >= 400  # every digit, roughly balanced
     assert abs(images.mean().item()) < 0.05 and abs(images.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--ratio", "1.0", "--ratio: expected a share"),
+    ("--lam", "-1", "--lam: expected"),
+    ("--lr", "0", "--lr: expected"),
+    ("--threads", "-2", "--threads: expected"),
+    ("--batch-size", "0", "--batch-size: expected"),
+])
+def test_demo_rejects_bad_settings_before_training(tmp_path, flag, value, match):
+    with pytest.raises(ValueError, match=match):
+        demo.main(["--out", str(tmp_path / "d"), flag, value])
+    assert not (tmp_path / "d").exists()

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
+import vtp
 from vtp import cli
 
 from cli_helpers import FAST, REPO, TINY_MODEL, assert_same_tensors, flags, make_image_folder, \
@@ -56,3 +57,39 @@ def test_two_processes_match_one(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (key, a, b)
     # the uneven validation split is counted once, with no image twice or missing
     assert [r["val_images"] for r in two if r["kind"] == "epoch"] == [13, 13]
+
+
+def _plan_with_every_pruned_form(path):
+    """A plan for TINY_MODEL (2 blocks, width 32, 2 heads of 16, MLP 128) that leaves a
+    constant attention branch, a head with a narrower value width next to a dropped head, and
+    a LayerNorm emitting half its columns: every module DDP has to train after pruning."""
+    widths = {"attn_in": 32, "attn_out": 32, "mlp_in": 32, "mlp_hidden": 128}
+    sizes = {f"blocks.{b}.{site}": n for b in range(2) for site, n in widths.items()}
+    kept = {name: list(range(n)) for name, n in sizes.items()}
+    kept.update({"blocks.0.attn_in": [], "blocks.1.attn_out": list(range(16, 24)),
+                 "blocks.1.mlp_in": list(range(0, 32, 2)), "blocks.1.mlp_hidden": list(range(40))})
+    path.write_text(json.dumps({"format": "vtp-plan", "version": 1, "head_dim": 16, "rule": {},
+                                "sizes": sizes, "kept": kept}))
+    return path
+
+
+def test_two_processes_run_the_whole_pipeline(tmp_path):
+    """`vtp run` under torchrun: each stage loads what rank 0 wrote for it, and the pruned
+    model (constant branch, pruned heads, narrowed LayerNorm) trains under DDP."""
+    plan = _plan_with_every_pruned_form(tmp_path / "plan.json")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vtp.cli"] + flags(
+        ["run", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size", "5",
+         "--num-classes", "3", "-b", "2", "--accum-steps", "2", "--sparse-epochs", "1",
+         "--finetune-epochs", "1", "--bench-steps", "0", "--save-every", "0", "--plan", str(plan),
+         "--output", str(out)], TINY_MODEL, FAST)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("finetune epoch 1/1") == 1
+    pruned = vtp.load(out / "finetune" / "model")
+    assert type(pruned.blocks[0].attn).__name__ == "ConstantBranch"
+    assert pruned.blocks[1].attn.v_widths == (8,)
+    for name in ("eval-dense", "eval-pruned"):
+        assert json.loads((out / name / "eval.json").read_text())["val_images"] == 5

@@ -12,18 +12,8 @@ import torch
 from vtp import cli, engine
 from vtp.config import VTPError
 
-from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, flags, make_image_folder, state_dict_of
-
-
-@pytest.fixture(autouse=True)
-def _in_tmp_dir(tmp_path, monkeypatch):
-    # A command run without --output writes runs/...; keep that out of the checkout.
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"))
+from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, flags, state_dict_of
+from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 
 def _sparse_argv(data_dir, out, *extra):
@@ -76,9 +66,25 @@ def test_resume_reaches_the_same_weights(tmp_path, data_dir):
     for run in (crashed, stopped):
         assert_same_tensors(state_dict_of(run / "model"), expected)
         assert _epoch_losses(run) == _epoch_losses(ref)
+        # the speed of an epoch counts its steps before the interruption too
+        assert all(r["images_per_s"] > 0 and r["epoch_time_s"] > 0
+                   for r in engine.read_metrics(str(run / "metrics.jsonl")) if r["kind"] == "epoch")
     ckpt = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 8
     assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= ckpt.keys()
+
+
+def test_resume_with_float16_autocast_from_a_float32_checkpoint(tmp_path, capsys):
+    """A checkpoint written without a gradient scaler resumes under --amp-dtype float16: the
+    scaler starts afresh instead of failing on the empty state."""
+    argv = flags(["sparse-train", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size", "0",
+                  "--num-classes", "3", "-b", "4", "--epochs", "1", "--mixup", "0", "--cutmix", "0",
+                  "--output", str(tmp_path)], TINY_MODEL, FAST)
+    assert cli.main(argv + ["--stop-after-steps", "1"]) == 0
+    assert cli.main(argv + ["--resume", "--amp", "--amp-dtype", "float16"]) == 0
+    assert "the scaler starts afresh" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["scaler"]["scale"] > 0
 
 
 def test_gradient_accumulation_matches_a_big_batch(tmp_path, data_dir):

@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from .config import (FINETUNE_DEFAULTS, SPARSE_DEFAULTS, HelpFormatter, VTPError, add_config_arg,
                      add_data_args, add_eval_args, add_model_args, add_output_args, add_prune_args,
                      add_system_args, add_train_args, apply_yaml_config, find_config_path,
-                     first_positional, model_kwargs_from_args, resolved_config, write_config)
+                     first_positional, model_kwargs_from_args, positive_int, resolved_config,
+                     write_config)
 
 __all__ = ["main", "build_parser"]
 
@@ -39,9 +40,14 @@ SOURCE_DIRS = {
 # Parser
 
 
-def _sub(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=description,
-                          formatter_class=HelpFormatter)
+def _sub(sub, subs: Dict[str, argparse.ArgumentParser], name: str, func, help_text: str,
+         description: str) -> argparse.ArgumentParser:
+    """A sub-command parser running `func`, registered in `subs`."""
+    p = sub.add_parser(name, help=help_text, description=description,
+                       formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    subs[name] = p
+    return p
 
 
 def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
@@ -55,15 +61,16 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subs: Dict[str, argparse.ArgumentParser] = {}
 
-    p = _sub(sub, "demo", "the whole pipeline on MNIST digits, on a CPU, in minutes",
+    p = _sub(sub, subs, "demo", cmd_demo,
+             "the whole pipeline on MNIST digits, on a CPU, in minutes",
              "Dense training, sparse training, pruning and fine-tuning of a small ViT on real "
              "MNIST digits shipped with the package; prints a dense vs pruned table.")
     from . import demo
+    add_config_arg(p)
     demo.add_arguments(p)
-    p.set_defaults(func=cmd_demo)
-    subs["demo"] = p
 
-    p = _sub(sub, "sparse-train", "train a dense model with gates and the L1 gate penalty",
+    p = _sub(sub, subs, "sparse-train", cmd_sparse_train,
+             "train a dense model with gates and the L1 gate penalty",
              "Sparse training (VTP step 1): gates in front of qkv, proj, fc1 and fc2 of every "
              "block, trained with task loss + lambda * sum|gate|, from a trained model "
              "(--checkpoint). Writes model/ (the gated model) for `vtp prune`.")
@@ -75,10 +82,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     add_eval_args(p, bench=False)
     add_system_args(p)
     add_output_args(p, "sparse-train")
-    p.set_defaults(func=cmd_sparse_train)
-    subs["sparse-train"] = p
 
-    p = _sub(sub, "prune", "choose kept dimensions from the gates and shrink the model",
+    p = _sub(sub, subs, "prune", cmd_prune,
+             "choose kept dimensions from the gates and shrink the model",
              "Pruning (VTP step 2): a plan from the gate values of a sparse-trained model "
              "(global threshold by default), then a physically smaller timm model. Writes "
              "plan.json, gates.json and model/.")
@@ -86,15 +92,14 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
                    help="sparse-train directory, `vtp run` directory or vtp.save directory")
     add_prune_args(p)
-    p.add_argument("--img-size", type=int, default=None,
+    p.add_argument("--img-size", type=positive_int, default=None,
                    help="resolution for MACs (and --flops-target); default: the model's")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                   help="where to build the plan (cheap: cpu is fine)")
+                   help="where to build the plan and the pruned model (cheap: cpu is fine)")
     add_output_args(p, "prune")
-    p.set_defaults(func=cmd_prune)
-    subs["prune"] = p
 
-    p = _sub(sub, "finetune", "train the pruned model without the penalty",
+    p = _sub(sub, subs, "finetune", cmd_finetune,
+             "train the pruned model without the penalty",
              "Fine-tuning (VTP step 3) of a pruned model with the DeiT recipe.")
     add_config_arg(p)
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
@@ -105,10 +110,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     add_eval_args(p, bench=False)
     add_system_args(p)
     add_output_args(p, "finetune")
-    p.set_defaults(func=cmd_finetune)
-    subs["finetune"] = p
 
-    p = _sub(sub, "eval", "accuracy, parameters, MACs and images/s of a model",
+    p = _sub(sub, subs, "eval", cmd_eval,
+             "accuracy, parameters, MACs and images/s of a model",
              "Evaluates a saved model on the validation split and measures inference speed.")
     add_config_arg(p)
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
@@ -117,10 +121,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     add_eval_args(p)
     add_system_args(p)
     add_output_args(p, "eval")
-    p.set_defaults(func=cmd_eval)
-    subs["eval"] = p
 
-    p = _sub(sub, "report", "dense vs pruned table and plots of a run",
+    p = _sub(sub, subs, "report", cmd_report,
+             "dense vs pruned table and plots of a run",
              "Prints accuracy, parameters, MACs and images/s of the dense and pruned models "
              "and writes PNG plots: kept dimensions per block and site, the gate value "
              "distribution at pruning time, and training curves.")
@@ -128,10 +131,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     p.add_argument("--output", "-o", metavar="DIR", default=None,
                    help="where to write report.md and the PNGs; default RUN/report")
     add_config_arg(p)
-    p.set_defaults(func=cmd_report)
-    subs["report"] = p
 
-    p = _sub(sub, "run", "sparse-train, prune, finetune, eval and report in one go",
+    p = _sub(sub, subs, "run", cmd_run,
+             "sparse-train, prune, finetune, eval and report in one go",
              "The whole VTP pipeline in one run directory: eval-dense/, sparse-train/, prune/, "
              "finetune/, eval-pruned/, report/. --resume picks up where it stopped.")
     add_config_arg(p)
@@ -144,8 +146,6 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     add_eval_args(p)
     add_system_args(p)
     add_output_args(p, "run")
-    p.set_defaults(func=cmd_run)
-    subs["run"] = p
     return parser, subs
 
 
@@ -188,10 +188,15 @@ class Context:
             print(text, flush=True)
 
 
-def _check_fresh_or_resume(out_dir: str, resume: bool, optional: bool = False) -> bool:
-    """Refuses to train over an existing run unless asked to resume; True when resuming."""
+def _check_fresh_or_resume(out_dir: Optional[str], resume: bool, optional: bool = False) -> bool:
+    """Refuses to train over an existing run unless asked to resume; True when resuming.
+    `out_dir` None is a new, timestamped directory."""
     from .engine import CHECKPOINT_NAME
 
+    if out_dir is None:
+        if resume:
+            raise VTPError("--resume: give the --output of the run to continue")
+        return False
     ckpt = os.path.join(out_dir, "checkpoints", CHECKPOINT_NAME)
     if resume:
         if os.path.isfile(ckpt):
@@ -243,29 +248,72 @@ def train_config(args: argparse.Namespace, stage: str, prefix: str = ""):
         progress=args.progress, eval_batch_size=args.eval_batch_size)
 
 
-def _mixup_needs_even_batch(args: argparse.Namespace) -> None:
-    mixup_on = not args.no_aug and args.mixup_prob > 0 and (args.mixup > 0 or args.cutmix > 0)
-    if mixup_on and args.batch_size % 2:
+def _check_batch_for_mixup(args: argparse.Namespace) -> None:
+    if args.batch_size % 2 and _build_mixup(args, num_classes=2) is not None:
         raise VTPError(f"--batch-size {args.batch_size}: mixup/cutmix need an even batch "
                        "(or pass --mixup 0 --cutmix 0)")
+
+
+def _check_prune_args(args: argparse.Namespace) -> None:
+    """Pruning settings that would otherwise fail only after sparse training."""
+    import vtp
+
+    if args.flops_target is not None and args.scope != "global":
+        raise VTPError(f"--flops-target ranks dimensions over all gates; it does not go with "
+                       f"--scope {args.scope}")
+    if args.plan:
+        if not os.path.isfile(args.plan):
+            raise VTPError(f"--plan {args.plan}: file not found")
+        try:
+            vtp.PruningPlan.load(args.plan)
+        except (OSError, ValueError) as e:
+            raise VTPError(f"--plan {args.plan}: {e}") from None
+
+
+def _check_source(args: argparse.Namespace, source: str, command: str) -> None:
+    """What a command asks of the model in SOURCE, from its config.json alone."""
+    from .engine import read_vtp_config
+
+    config = read_vtp_config(source)
+    model_args = config.get("model_args") or {}
+    classes, size = model_args.get("num_classes"), list(model_args.get("img_size") or [])
+    if args.num_classes is not None and args.num_classes != classes:
+        raise VTPError(f"--num-classes {args.num_classes}: the model in {source} predicts "
+                       f"{classes} classes")
+    if args.img_size is not None and [args.img_size] * 2 != size:
+        raise VTPError(f"--img-size {args.img_size}: the model in {source} takes "
+                       f"{'x'.join(map(str, size))} images")
+    if command == "finetune" and config.get("gated_sites") and config.get("plan") is None:
+        raise VTPError(f"{source} holds a gated model that is not pruned; fine-tune what "
+                       "`vtp prune` makes of it")
 
 
 def _precheck(args, need_train: bool) -> None:
     """The cheap checks of a command's inputs, before any process group, folder or model."""
     from . import imagenet_data as data
+    from .engine import is_vtp_dir
 
     splits = ([args.train_split] if need_train else []) + ([args.val_split] if args.val_split else [])
     data.check_data_args(args.data, args.synthetic, splits)
     if need_train:
-        _mixup_needs_even_batch(args)
+        _check_batch_for_mixup(args)
+        if not args.synthetic:
+            try:  # a policy string timm does not know fails here, not at the first batch
+                _train_transform(args, (32, 32), {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+            except Exception as e:
+                raise VTPError(f"--aa {args.aa}: not a timm augmentation policy ({e})") from None
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint and not os.path.exists(checkpoint):
         raise VTPError(f"--checkpoint not found: {checkpoint}")
+    if checkpoint and os.path.isdir(checkpoint) and not is_vtp_dir(checkpoint):
+        raise VTPError(f"--checkpoint {checkpoint}: a directory must be written by vtp.save")
     name = getattr(args, "model", None)
     if name is not None:
         import timm
         if not timm.is_model(name):
             raise VTPError(f"unknown timm model '{name}' (see timm.list_models())")
+    if hasattr(args, "flops_target"):
+        _check_prune_args(args)
 
 
 def _data_settings(model, metadata: Dict[str, Any]) -> Dict[str, Any]:
@@ -282,31 +330,24 @@ def _data_settings(model, metadata: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _folder_datasets(args, need_train: bool, class_map: Optional[Dict[str, int]] = None):
-    """Raw (untransformed) ImageFolder datasets; synthetic ones come later, once the image
-    size is known."""
+    """Raw (untransformed) ImageFolder datasets, their class indices following `class_map`
+    when given; synthetic ones come later, once the image size is known."""
     from . import imagenet_data as data
 
-    splits = ([args.train_split] if need_train else []) + ([args.val_split] if args.val_split else [])
-    data.check_data_args(args.data, args.synthetic, splits)
-    if args.synthetic:
+    if args.synthetic or not (need_train or args.val_split):
         return None, None, None
-    train_ds, val_ds, spec = data.build_datasets(
+    return data.build_datasets(
         args.data, False, (0, 0), train_split=args.train_split if need_train else None,
-        val_split=args.val_split or None, num_classes=args.num_classes)
-    if class_map is not None and not need_train and val_ds is not None:
-        # Evaluation reuses the class indices the model was trained with.
-        val_ds, spec = _remap_val(args, class_map, spec)
-    return train_ds, val_ds, spec
+        val_split=args.val_split or None, num_classes=args.num_classes, class_map=class_map)
 
 
-def _remap_val(args, class_map, spec):
+def _train_transform(args, size, settings: Dict[str, Any]):
     from . import imagenet_data as data
 
-    ds = data.image_folder(args.data, args.val_split, class_map)
-    spec.class_to_idx = dict(class_map)
-    spec.num_classes = max(spec.num_classes, len(class_map))
-    spec.val_size = len(ds)
-    return ds, spec
+    return data.train_transform(
+        size, no_aug=args.no_aug, aa=args.aa, color_jitter=args.color_jitter,
+        reprob=args.reprob, remode=args.remode, recount=args.recount,
+        interpolation=args.interpolation, mean=settings["mean"], std=settings["std"])
 
 
 def _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes: int, need_train: bool):
@@ -315,21 +356,30 @@ def _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes: int, n
 
     size = tuple(settings["img_size"])
     if args.synthetic:
-        train_ds, val_ds, spec = data.build_datasets(
+        return data.build_datasets(
             None, True, size, train_split="train" if need_train else None, val_split="val",
             num_classes=num_classes, synthetic_size=getattr(args, "synthetic_size", 0),
             synthetic_val_size=args.synthetic_val_size)
-        return train_ds, val_ds, spec
     if train_ds is not None:
-        train_ds = data.with_transform(train_ds, data.train_transform(
-            size, no_aug=args.no_aug, aa=args.aa, color_jitter=args.color_jitter,
-            reprob=args.reprob, remode=args.remode, recount=args.recount,
-            interpolation=args.interpolation, mean=settings["mean"], std=settings["std"]))
+        train_ds = data.with_transform(train_ds, _train_transform(args, size, settings))
     if val_ds is not None:
         val_ds = data.with_transform(val_ds, data.eval_transform(
             size, crop_pct=args.crop_pct, interpolation=args.interpolation,
             mean=settings["mean"], std=settings["std"]))
     return train_ds, val_ds, spec
+
+
+def _saved_model_datasets(args, model, metadata: Dict[str, Any], source: str, need_train: bool):
+    """Datasets for a trained model: its class indices, image size and normalisation."""
+    settings = _data_settings(model, metadata)
+    class_map = (metadata.get("data") or {}).get("class_to_idx")
+    train_ds, val_ds, spec = _folder_datasets(args, need_train, class_map)
+    if spec is not None and spec.num_classes > model.num_classes:
+        raise VTPError(f"{args.data} has {spec.num_classes} classes but the model in {source} "
+                       f"predicts {model.num_classes}")
+    train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings,
+                                              model.num_classes, need_train)
+    return train_ds, val_ds, spec, settings
 
 
 def _build_mixup(args, num_classes: int):
@@ -350,39 +400,41 @@ def dense_model(args, num_classes: int):
     model = engine.create_dense_model(args.model, num_classes, model_kwargs_from_args(args),
                                       drop_path=0.0)
     metadata: Dict[str, Any] = {}
-    if args.checkpoint:
-        if os.path.isdir(args.checkpoint):
-            src = args.checkpoint
-            if not engine.is_vtp_dir(src):
-                raise VTPError(f"--checkpoint {src}: a directory must be written by vtp.save")
-            loaded, metadata = engine.load_vtp_model(src)
-            engine.load_state(model, loaded.state_dict(), src, args.reset_head)
-        else:
-            engine.load_weights(model, args.checkpoint, reset_head=args.reset_head)
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        loaded, metadata = engine.load_vtp_model(args.checkpoint)
+        engine.load_state(model, loaded.state_dict(), args.checkpoint, args.reset_head)
+    elif args.checkpoint:
+        engine.load_weights(model, args.checkpoint, reset_head=args.reset_head)
     return model, metadata
 
 
-def _save_model(model, directory: str, metadata: Dict[str, Any], info) -> None:
+def _publish(ctx: Context, out_dir: str, model, metadata: Dict[str, Any],
+             summary: Dict[str, Any]) -> None:
+    """Rank 0 writes out_dir/model (vtp.save) and summary.json; every process returns once
+    both are complete, so none reads them early (the next stage of `vtp run` loads model/)."""
     import vtp
 
-    if info.is_main:
+    from . import engine
+
+    error = None
+    if ctx.info.is_main:
+        directory = os.path.join(out_dir, "model")
         try:
-            vtp.save(model, directory, metadata=metadata)
+            vtp.save(model, directory, metadata=_plain(metadata))
         except (TypeError, ValueError, FileExistsError) as e:
-            raise VTPError(f"cannot save the model to {directory}: {e}") from None
+            error = f"cannot save the model to {directory}: {e}"
+        else:
+            engine.write_json(os.path.join(out_dir, "summary.json"), _plain(summary))
+    # A collective: also the barrier, and every process stops on rank 0's error.
+    error = engine.broadcast_object(error, ctx.info)
+    if error:
+        raise VTPError(error)
 
 
-def _write_stage_config(ctx: Context, args, parser, out_dir: str, name: str = "config.yaml") -> None:
+def _write_stage_config(ctx: Context, args, parser, out_dir: str) -> None:
     if ctx.info.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        write_config(os.path.join(out_dir, name), resolved_config(args, parser))
-
-
-def _write_summary(ctx: Context, out_dir: str, summary: Dict[str, Any]) -> None:
-    from .engine import write_json
-
-    if ctx.info.is_main:
-        write_json(os.path.join(out_dir, "summary.json"), summary)
+        write_config(os.path.join(out_dir, "config.yaml"), resolved_config(args, parser))
 
 
 def _human(n: float) -> str:
@@ -408,6 +460,20 @@ def _plain(value):
 # Stages (callable on their own or chained by `vtp run`)
 
 
+def _train(args, ctx: Context, cfg, model, train_ds, val_ds, out_dir: str, resume: bool,
+           after_step, headline: str) -> Dict[str, Any]:
+    """The training loop of a stage on this process's device, after a first log line."""
+    from . import engine
+
+    model.to(ctx.info.device)
+    engine.seed_everything(args.seed + ctx.info.rank)
+    ctx.say(f"{headline}, lr {cfg.scaled_lr(ctx.info.world_size):.3g} for a global batch of "
+            f"{cfg.global_batch(ctx.info.world_size)}; writing {out_dir}")
+    return engine.fit(model, cfg, ctx.info, train_ds, val_ds, out_dir,
+                      mixup_fn=_build_mixup(args, model.num_classes), resume=resume,
+                      say=ctx.say, after_step=after_step)
+
+
 def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = "",
                        after_step=None) -> Dict[str, Any]:
     import vtp
@@ -415,7 +481,6 @@ def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: s
     from . import engine
 
     cfg = train_config(args, "sparse-train", prefix)
-    _mixup_needs_even_batch(args)
     train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
     num_classes = args.num_classes or (spec.num_classes if spec else 1000)
     model, metadata = dense_model(args, num_classes)
@@ -426,23 +491,17 @@ def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: s
         raise VTPError(f"--model {args.model}: {e}") from None
     settings = _data_settings(model, metadata)
     train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
-    model.to(ctx.info.device)
-    engine.seed_everything(args.seed + ctx.info.rank)
-    ctx.say(f"sparse-train: {args.model}, {len(train_ds)} training images, {num_classes} "
-            f"classes, lambda {cfg.lam}, lr {cfg.scaled_lr(ctx.info.world_size):.3g} for a global "
-            f"batch of {cfg.global_batch(ctx.info.world_size)}; writing {out_dir}")
-    summary = engine.fit(model, cfg, ctx.info, train_ds, val_ds, out_dir,
-                         mixup_fn=_build_mixup(args, num_classes), resume=resume, say=ctx.say,
-                         after_step=after_step)
+    summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
+                     f"sparse-train: {args.model}, {len(train_ds)} training images, "
+                     f"{num_classes} classes, lambda {cfg.lam}")
     if summary["stopped"]:
         return summary
+    model.to("cpu")
+    summary["gate_stats"] = vtp.gate_stats(model)["all"]
     meta = {"stage": "sparse-train", "model": args.model, "num_classes": num_classes,
             "data": {**settings, "class_to_idx": spec.class_to_idx if spec else None},
             "last_epoch": summary.get("last_epoch", {})}
-    model.to("cpu")
-    _save_model(model, os.path.join(out_dir, "model"), _plain(meta), ctx.info)
-    summary["gate_stats"] = vtp.gate_stats(model)["all"]
-    _write_summary(ctx, out_dir, _plain(summary))
+    _publish(ctx, out_dir, model, meta, summary)
     return summary
 
 
@@ -454,16 +513,15 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
     model, metadata = engine.load_vtp_model(source)
     if not vtp.gates(model):
         raise VTPError(f"{source}: the model has no gates; prune a sparse-trained model")
+    model.to(ctx.info.device)
     img_size = (args.img_size,) * 2 if args.img_size else tuple(model.patch_embed.img_size)
     try:
         if args.plan:
-            if not os.path.isfile(args.plan):
-                raise VTPError(f"--plan {args.plan}: file not found")
             plan = vtp.PruningPlan.load(args.plan)
         else:
-            plan = vtp.plan(model, None if args.flops_target else args.ratio, scope=args.scope,
-                            flops_target=args.flops_target, round_to=args.round_to,
-                            min_keep=args.min_keep, img_size=img_size)
+            ratio = None if args.flops_target is not None else args.ratio
+            plan = vtp.plan(model, ratio, scope=args.scope, flops_target=args.flops_target,
+                            round_to=args.round_to, min_keep=args.min_keep, img_size=img_size)
         pruned = vtp.prune(model, plan, fold=not args.no_fold)
     except (TypeError, ValueError) as e:
         raise VTPError(f"cannot prune {source}: {e}") from None
@@ -480,13 +538,11 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
         plan.save(os.path.join(out_dir, "plan.json"))
         engine.write_json(os.path.join(out_dir, "gates.json"),
                           {name: g.detach().float().tolist() for name, g in vtp.gates(model).items()})
-        meta = {**metadata, "stage": "prune", "prune": summary}
-        _save_model(pruned, os.path.join(out_dir, "model"), _plain(meta), ctx.info)
-        _write_summary(ctx, out_dir, summary)
+    _publish(ctx, out_dir, pruned.to("cpu"), {**metadata, "stage": "prune", "prune": summary},
+             summary)
     ctx.say(plan.summary())
     ctx.say(f"prune: {_human(before.params)}-> {_human(after.params)}params, "
             f"{_human(before.macs)}-> {_human(after.macs)}MACs; wrote {out_dir}")
-    engine.barrier(ctx.info)
     return summary
 
 
@@ -495,36 +551,22 @@ def stage_finetune(args, ctx: Context, source: str, out_dir: str, resume: bool,
     from . import engine
 
     cfg = train_config(args, "finetune", prefix)
-    _mixup_needs_even_batch(args)
     model, metadata = engine.load_vtp_model(source)
-    settings = _data_settings(model, metadata)
-    if args.img_size and args.img_size != settings["img_size"][0]:
-        raise VTPError(f"--img-size {args.img_size}: the model in {source} takes "
-                       f"{settings['img_size'][0]}")
-    train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
-    num_classes = model.num_classes
-    if spec is not None and spec.num_classes > num_classes:
-        raise VTPError(f"{args.data} has {spec.num_classes} classes but the model in {source} "
-                       f"predicts {num_classes}")
-    train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
+    train_ds, val_ds, spec, settings = _saved_model_datasets(args, model, metadata, source,
+                                                             need_train=True)
     saved_drop_path = engine.set_drop_path(model, args.drop_path)
-    model.train().to(ctx.info.device)
-    engine.seed_everything(args.seed + ctx.info.rank)
-    ctx.say(f"finetune: {source}, {len(train_ds)} training images, lr "
-            f"{cfg.scaled_lr(ctx.info.world_size):.3g} for a global batch of "
-            f"{cfg.global_batch(ctx.info.world_size)}; writing {out_dir}")
-    summary = engine.fit(model, cfg, ctx.info, train_ds, val_ds, out_dir,
-                         mixup_fn=_build_mixup(args, num_classes), resume=resume, say=ctx.say,
-                         after_step=after_step)
+    summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
+                     f"finetune: {source}, {len(train_ds)} training images")
     if summary["stopped"]:
         return summary
     # The saved architecture keeps the drop-path rate it was described with.
     engine.set_drop_path(model, saved_drop_path)
     model.to("cpu")
+    class_map = spec.class_to_idx if spec else (metadata.get("data") or {}).get("class_to_idx")
     meta = {**metadata, "stage": "finetune", "source": os.path.abspath(source),
+            "data": {**settings, "class_to_idx": class_map},
             "last_epoch": summary.get("last_epoch", {})}
-    _save_model(model, os.path.join(out_dir, "model"), _plain(meta), ctx.info)
-    _write_summary(ctx, out_dir, _plain(summary))
+    _publish(ctx, out_dir, model, meta, summary)
     return summary
 
 
@@ -536,12 +578,7 @@ def stage_eval(args, ctx: Context, model, metadata: Dict[str, Any], out_dir: str
     from . import engine
     from . import imagenet_data as data
 
-    settings = _data_settings(model, metadata)
-    class_map = (metadata.get("data") or {}).get("class_to_idx")
-    _, val_ds, spec = _folder_datasets(_eval_view(args), need_train=False, class_map=class_map)
-    num_classes = model.num_classes
-    _, val_ds, spec = _finish_datasets(_eval_view(args), None, val_ds, spec, settings,
-                                       num_classes, False)
+    _, val_ds, _, settings = _saved_model_datasets(args, model, metadata, name, need_train=False)
     model.eval().to(ctx.info.device)
     result: Dict[str, Any] = {"name": name}
     if val_ds is not None and len(val_ds):
@@ -550,7 +587,7 @@ def stage_eval(args, ctx: Context, model, metadata: Dict[str, Any], out_dir: str
                                   pin_memory=ctx.info.device.type == "cuda")
         result.update(engine.evaluate(model, loader, ctx.info, args.amp, args.amp_dtype))
     prof = vtp.profile(model, tuple(settings["img_size"]))
-    result.update(params=prof.params, macs=prof.macs, img_size=settings["img_size"])
+    result.update(params=prof.params, macs=prof.macs, **settings)
     if ctx.info.is_main and args.bench_steps > 0:
         result["images_per_s"] = engine.measure_throughput(
             model, tuple(settings["img_size"]), args.bench_batch_size, args.bench_steps,
@@ -566,15 +603,6 @@ def stage_eval(args, ctx: Context, model, metadata: Dict[str, Any], out_dir: str
     engine.barrier(ctx.info)
     model.to("cpu")
     return result
-
-
-def _eval_view(args):
-    """Evaluation reads no training split; commands without augmentation flags still work."""
-    view = argparse.Namespace(**vars(args))
-    for key, value in (("train_split", None), ("synthetic_size", 0), ("no_aug", True)):
-        if not hasattr(view, key):
-            setattr(view, key, value)
-    return view
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,8 +621,8 @@ def cmd_demo(args, parser) -> int:
 
 def cmd_sparse_train(args, parser, after_step=None) -> int:
     _precheck(args, need_train=True)
+    resume = _check_fresh_or_resume(args.output, args.resume)
     ctx = Context(args, "sparse-train")
-    resume = _check_fresh_or_resume(ctx.out, args.resume)
     _write_stage_config(ctx, args, parser, ctx.out)
     stage_sparse_train(args, ctx, ctx.out, resume, after_step=after_step)
     return 0
@@ -602,6 +630,7 @@ def cmd_sparse_train(args, parser, after_step=None) -> int:
 
 def cmd_prune(args, parser) -> int:
     source = resolve_source(args.source, "prune")
+    _check_prune_args(args)
     ctx = Context(args, "prune")
     _write_stage_config(ctx, args, parser, ctx.out)
     stage_prune(args, ctx, source, ctx.out)
@@ -610,9 +639,10 @@ def cmd_prune(args, parser) -> int:
 
 def cmd_finetune(args, parser, after_step=None) -> int:
     source = resolve_source(args.source, "finetune")
+    _check_source(args, source, "finetune")
     _precheck(args, need_train=True)
+    resume = _check_fresh_or_resume(args.output, args.resume)
     ctx = Context(args, "finetune")
-    resume = _check_fresh_or_resume(ctx.out, args.resume)
     _write_stage_config(ctx, args, parser, ctx.out)
     stage_finetune(args, ctx, source, ctx.out, resume, after_step=after_step)
     return 0
@@ -622,7 +652,8 @@ def cmd_eval(args, parser) -> int:
     from . import engine
 
     source = resolve_source(args.source, "eval")
-    _precheck(_eval_view(args), need_train=False)
+    _check_source(args, source, "eval")
+    _precheck(args, need_train=False)
     ctx = Context(args, "eval")
     _write_stage_config(ctx, args, parser, ctx.out)
     model, metadata = engine.load_vtp_model(source)
@@ -655,8 +686,9 @@ def cmd_run(args, parser, after_step=None) -> int:
             ("eval-dense", "sparse-train", "prune", "finetune", "eval-pruned", "report")}
 
     def done(name: str) -> bool:
-        return os.path.isfile(os.path.join(dirs[name], "summary.json" if name in
-                                           ("sparse-train", "prune", "finetune") else "eval.json"))
+        path = os.path.join(dirs[name], "eval.json" if name.startswith("eval") else "summary.json")
+        # Rank 0's answer, so that every process takes the same branch.
+        return engine.broadcast_object(os.path.isfile(path), ctx.info)
 
     if not args.resume and any(os.path.exists(d) for d in dirs.values()):
         raise VTPError(f"{run} already holds a run; pass --resume to continue it or choose "
@@ -664,11 +696,13 @@ def cmd_run(args, parser, after_step=None) -> int:
     _write_stage_config(ctx, args, parser, run)
 
     if not done("eval-dense"):
-        train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
+        _, _, spec = _folder_datasets(args, need_train=True)
         num_classes = args.num_classes or (spec.num_classes if spec else 1000)
         model, metadata = dense_model(args, num_classes)
-        meta = {**metadata, "data": {"class_to_idx": spec.class_to_idx if spec else None}}
-        stage_eval(args, ctx, model, meta, dirs["eval-dense"], "dense")
+        # the class indices sparse training will use; normalisation as the checkpoint's
+        data_meta = {**(metadata.get("data") or {}),
+                     "class_to_idx": spec.class_to_idx if spec else None}
+        stage_eval(args, ctx, model, {**metadata, "data": data_meta}, dirs["eval-dense"], "dense")
         del model
 
     if not done("sparse-train"):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
-from typing import Any, Dict, Optional, Sequence
+import textwrap
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
 
@@ -20,6 +22,7 @@ __all__ = [
     "add_data_args", "add_model_args", "add_train_args", "add_prune_args", "add_eval_args",
     "add_system_args", "add_output_args", "add_config_arg", "apply_yaml_config",
     "load_yaml_config", "resolved_config", "write_config", "model_kwargs_from_args",
+    "positive_int",
 ]
 
 
@@ -37,8 +40,13 @@ FINETUNE_DEFAULTS = dict(epochs=100, lr=5e-4, warmup_epochs=5, min_lr=1e-5, lam=
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default (unless it is unset or a switch that is off) and keeps the
-    hand-wrapped descriptions and epilogs."""
+    """Shows each flag's default (unless it is unset or a switch that is off); wraps each line
+    of a description or epilog to the terminal, keeping the line breaks written into it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent,
+                                       subsequent_indent=indent) if line.strip() else ""
+                         for line in text.splitlines())
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -50,32 +58,35 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _number(text: str, kind: type):
+    """`text` as an int or a finite float, or an argparse error that says which was expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _checked(kind: type, ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` for which `ok` holds, else '<expected>, got ...'."""
+    def convert(text: str) -> Any:
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text}")
+        return value
+    return convert
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "must be >= 1")
+_non_negative_int = _checked(int, lambda v: v >= 0, "must be >= 0")
+_positive_float = _checked(float, lambda v: v > 0, "must be > 0")
+_non_negative_float = _checked(float, lambda v: v >= 0, "must be >= 0")
+_ratio = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+_probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_share = _checked(float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 
 
 def _json_dict(text: str) -> Dict[str, Any]:
@@ -117,19 +128,19 @@ def add_data_args(parser: argparse.ArgumentParser, train: bool = True) -> None:
         "--synthetic", action="store_true",
         help="random images instead of --data, for throughput runs and smoke tests")
     if train:
-        group.add_argument("--synthetic-size", type=_positive_int, default=12800,
+        group.add_argument("--synthetic-size", type=positive_int, default=12800,
                            help="number of synthetic training images per epoch")
     group.add_argument("--synthetic-val-size", type=_non_negative_int, default=1000,
                        help="number of synthetic validation images")
     group.add_argument(
-        "--num-classes", type=_positive_int, default=None,
+        "--num-classes", type=positive_int, default=None,
         help="classes of the classifier; default: number of class folders (1000 if --synthetic)")
     group.add_argument(
-        "--img-size", type=_positive_int, default=None,
+        "--img-size", type=positive_int, default=None,
         help="input resolution (model and data); default: the model's own")
     group.add_argument("--workers", "-j", type=_non_negative_int, default=8,
                        help="data-loading processes per training process")
-    group.add_argument("--crop-pct", type=float, default=0.875,
+    group.add_argument("--crop-pct", type=_share, default=0.875,
                        help="evaluation centre-crop fraction (DeiT: 224/256)")
     group.add_argument("--interpolation", default="bicubic", choices=("bilinear", "bicubic"),
                        help="resize interpolation for training and evaluation")
@@ -143,17 +154,17 @@ def add_data_args(parser: argparse.ArgumentParser, train: bool = True) -> None:
                      help="timm auto-augment policy; 'none' to disable")
     aug.add_argument("--color-jitter", type=_non_negative_float, default=0.3,
                      help="colour jitter strength (timm ignores it when --aa is set)")
-    aug.add_argument("--reprob", type=_ratio, default=0.25, help="random erasing probability")
+    aug.add_argument("--reprob", type=_probability, default=0.25, help="random erasing probability")
     aug.add_argument("--remode", default="pixel", choices=("const", "rand", "pixel"),
                      help="random erasing fill mode")
-    aug.add_argument("--recount", type=_positive_int, default=1, help="random erasing regions")
+    aug.add_argument("--recount", type=positive_int, default=1, help="random erasing regions")
     aug.add_argument("--mixup", type=_non_negative_float, default=0.8,
                      help="mixup alpha; 0 disables")
     aug.add_argument("--cutmix", type=_non_negative_float, default=1.0,
                      help="cutmix alpha; 0 disables")
-    aug.add_argument("--mixup-prob", type=_non_negative_float, default=1.0,
+    aug.add_argument("--mixup-prob", type=_probability, default=1.0,
                      help="probability of applying mixup or cutmix to a batch")
-    aug.add_argument("--mixup-switch-prob", type=_non_negative_float, default=0.5,
+    aug.add_argument("--mixup-switch-prob", type=_probability, default=0.5,
                      help="probability of cutmix instead of mixup when both are on")
     aug.add_argument("--mixup-mode", default="batch", choices=("batch", "pair", "elem"),
                      help="how mixup/cutmix parameters are drawn")
@@ -176,15 +187,15 @@ def add_model_args(parser: argparse.ArgumentParser, dense: bool = True) -> None:
                            help="drop the checkpoint's classifier when its class count differs")
         group.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
                            help="extra timm.create_model keyword arguments, as a JSON object")
-        group.add_argument("--patch-size", type=_positive_int, default=None,
+        group.add_argument("--patch-size", type=positive_int, default=None,
                            help="override the model's patch size")
-        group.add_argument("--embed-dim", type=_positive_int, default=None,
+        group.add_argument("--embed-dim", type=positive_int, default=None,
                            help="override the model's width")
-        group.add_argument("--depth", type=_positive_int, default=None,
+        group.add_argument("--depth", type=positive_int, default=None,
                            help="override the model's number of blocks")
-        group.add_argument("--num-heads", type=_positive_int, default=None,
+        group.add_argument("--num-heads", type=positive_int, default=None,
                            help="override the model's number of attention heads")
-        group.add_argument("--mlp-ratio", type=float, default=None,
+        group.add_argument("--mlp-ratio", type=_positive_float, default=None,
                            help="override the model's MLP hidden/width ratio")
     group.add_argument("--drop-path", type=_ratio, default=0.1,
                        help="stochastic depth rate while training (DeiT-B: 0.1)")
@@ -196,7 +207,7 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
     `vtp run`; `shared=False` leaves out the flags both stages share."""
     title = f"{prefix.rstrip('-')} training" if prefix else "training (DeiT recipe)"
     group = parser.add_argument_group(title)
-    group.add_argument(f"--{prefix}epochs", type=_positive_int, default=defaults["epochs"],
+    group.add_argument(f"--{prefix}epochs", type=positive_int, default=defaults["epochs"],
                        help="training epochs")
     group.add_argument(f"--{prefix}lr", type=_non_negative_float, default=defaults["lr"],
                        help="base learning rate for a global batch of --lr-base-batch images; "
@@ -211,12 +222,12 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
     if not shared:
         return
     group = parser.add_argument_group("training (both stages)" if prefix else "optimizer")
-    group.add_argument("--batch-size", "-b", type=_positive_int, default=64,
+    group.add_argument("--batch-size", "-b", type=positive_int, default=64,
                        help="images per process and step (global batch = this x processes x "
                             "--accum-steps)")
-    group.add_argument("--accum-steps", type=_positive_int, default=1,
+    group.add_argument("--accum-steps", type=positive_int, default=1,
                        help="micro-batches accumulated per optimizer step")
-    group.add_argument("--lr-base-batch", type=_positive_int, default=512,
+    group.add_argument("--lr-base-batch", type=positive_int, default=512,
                        help="global batch size the base --lr refers to")
     group.add_argument("--warmup-lr", type=_non_negative_float, default=1e-6,
                        help="lr at the start of warm-up (not scaled)")
@@ -225,22 +236,22 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
                             "embeddings get none")
     group.add_argument("--gate-lr-scale", type=_non_negative_float, default=1.0,
                        help="multiplier of the lr of the gates (sparse training)")
-    group.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
-    group.add_argument("--opt-betas", type=float, nargs=2, default=[0.9, 0.999],
+    group.add_argument("--opt-eps", type=_positive_float, default=1e-8, help="AdamW epsilon")
+    group.add_argument("--opt-betas", type=_ratio, nargs=2, default=[0.9, 0.999],
                        metavar=("B1", "B2"), help="AdamW betas")
     group.add_argument("--clip-grad", type=_non_negative_float, default=None,
                        help="clip the global gradient norm to this value; off by default")
-    group.add_argument("--seed", type=int, default=0, help="random seed")
+    group.add_argument("--seed", type=_non_negative_int, default=0, help="random seed")
     ck = parser.add_argument_group("checkpoints and logging")
     ck.add_argument("--save-every", type=_non_negative_int, default=1000,
                     help="also checkpoint every N optimizer steps (0: only at epoch ends)")
     ck.add_argument("--resume", action="store_true",
                     help="continue from the checkpoint in --output (same model, optimizer, "
                          "schedule, data position and random state)")
-    ck.add_argument("--stop-after-steps", type=_positive_int, default=None,
+    ck.add_argument("--stop-after-steps", type=positive_int, default=None,
                     help="checkpoint and stop once the training stage reaches this optimizer "
                          "step (for time-limited jobs; continue with --resume)")
-    ck.add_argument("--log-every", type=_positive_int, default=50,
+    ck.add_argument("--log-every", type=positive_int, default=50,
                     help="write a metrics line every N optimizer steps")
 
 
@@ -251,10 +262,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                             "ignored with --flops-target")
     group.add_argument("--scope", default="global", choices=("global", "layer"),
                        help="one threshold over all gates (paper) or the ratio in every gate")
-    group.add_argument("--flops-target", type=_non_negative_float, default=None,
+    group.add_argument("--flops-target", type=_share, default=None,
                        help="prune until the model's MACs are this fraction of the dense "
-                            "model's (e.g. 0.6) instead of using --ratio")
-    group.add_argument("--round-to", type=_positive_int, default=1,
+                            "model's (e.g. 0.6) instead of using --ratio (global scope only)")
+    group.add_argument("--round-to", type=positive_int, default=1,
                        help="round kept counts up to a multiple of this (8 feeds tensor cores)")
     group.add_argument("--min-keep", type=_non_negative_int, default=0,
                        help="keep at least this many dimensions per gate (0 lets heads, "
@@ -268,11 +279,11 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
 
 def add_eval_args(parser: argparse.ArgumentParser, bench: bool = True) -> None:
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--eval-batch-size", type=_positive_int, default=128,
+    group.add_argument("--eval-batch-size", type=positive_int, default=128,
                        help="images per process and step when evaluating")
     if not bench:
         return
-    group.add_argument("--bench-batch-size", type=_positive_int, default=64,
+    group.add_argument("--bench-batch-size", type=positive_int, default=64,
                        help="batch size of the images/s measurement")
     group.add_argument("--bench-steps", type=_non_negative_int, default=20,
                        help="timed forward passes of the images/s measurement (0: skip)")

@@ -134,15 +134,33 @@ def _table(rows, headers) -> str:
     return "\n".join(out)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every bad setting is an error before the first training step, not after."""
+    def fail(flag: str, expected: str, value) -> None:
+        raise ValueError(f"--{flag}: expected {expected}, got {value!r}")
+
+    for name in ("dense_epochs", "sparse_epochs", "finetune_epochs", "threads"):
+        if getattr(args, name) < 0:
+            fail(name.replace("_", "-"), "an integer >= 0", getattr(args, name))
+    for name in ("batch_size", "round_to"):
+        if getattr(args, name) < 1:
+            fail(name.replace("_", "-"), "an integer >= 1", getattr(args, name))
+    for name in ("lr", "gate_lr"):
+        if not getattr(args, name) > 0:
+            fail(name.replace("_", "-"), "a learning rate > 0", getattr(args, name))
+    if not args.lam >= 0:
+        fail("lam", "a penalty weight >= 0", args.lam)
+    if not 0 <= args.ratio < 1:
+        fail("ratio", "a share of gated dims to prune in [0, 1)", args.ratio)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the results dict also written to ``<out>/results.json``."""
     from . import add_gates, gates, param_groups, plan, profile, prune, save
     from .data import load_mnist_5k, train_test_split
     from .report import plot_gate_hist, plot_kept
 
-    for name in ("dense_epochs", "sparse_epochs", "finetune_epochs", "batch_size", "round_to"):
-        if getattr(args, name) < (0 if name.endswith("epochs") else 1):
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

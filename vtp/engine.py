@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,13 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VTPError
+from .report import read_metrics
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "broadcast_object",
-    "create_dense_model", "read_state_dict", "load_weights", "load_state", "is_vtp_dir", "load_vtp_model",
-    "vtp_metadata", "set_drop_path", "TrainConfig", "train_step", "fit", "evaluate", "measure_throughput", "MetricsLogger",
-    "capture_rng", "restore_rng", "seed_everything", "save_checkpoint", "load_checkpoint",
-    "CHECKPOINT_NAME",
+    "barrier", "create_dense_model", "read_state_dict", "load_weights", "load_state",
+    "is_vtp_dir", "read_vtp_config", "load_vtp_model", "vtp_metadata", "set_drop_path",
+    "TrainConfig", "LoopState", "train_step", "fit", "evaluate", "measure_throughput",
+    "MetricsLogger", "read_metrics", "write_json", "capture_rng", "restore_rng",
+    "seed_everything", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME",
 ]
 
 CHECKPOINT_NAME = "last.pt"
@@ -201,25 +203,25 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     model.load_state_dict(state, strict=True)
 
 
+def read_vtp_config(path: str) -> Dict[str, Any]:
+    """The config.json that vtp.save wrote in `path`; {} when there is none (or not one of
+    vtp's)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) and config.get("format") == "vtp-model" else {}
+
+
 def is_vtp_dir(path: str) -> bool:
     """Whether `path` is a directory written by vtp.save."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return False
-    try:
-        with open(config, encoding="utf-8") as f:
-            return json.load(f).get("format") == "vtp-model"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return bool(read_vtp_config(path))
 
 
 def vtp_metadata(path: str) -> Dict[str, Any]:
     """The metadata dict stored by vtp.save in `path`/config.json."""
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return dict(json.load(f).get("metadata") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+    return dict(read_vtp_config(path).get("metadata") or {})
 
 
 def load_vtp_model(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -295,9 +297,24 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a rename inside `path` survive a power cut (where the OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
@@ -313,11 +330,15 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise VTPError(f"cannot read checkpoint {path}: {e}") from None
 
 
-def write_json(path: str, data: Dict[str, Any]) -> None:
+def _write_text(path: str, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
+            f.write(text)
     _atomic_write(path, write)
+
+
+def write_json(path: str, data: Dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=1))
 
 
 class MetricsLogger:
@@ -330,19 +351,11 @@ class MetricsLogger:
     def truncate_after(self, global_step: int, epoch: int) -> None:
         if not self.path or not os.path.exists(self.path):
             return
-        keep = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the interruption
-                if row.get("kind") == "epoch":
-                    if row.get("epoch", 0) < epoch:
-                        keep.append(line)
-                elif row.get("step", 0) <= global_step:
-                    keep.append(line)
-        _atomic_write(self.path, lambda tmp: open(tmp, "w", encoding="utf-8").writelines(keep))
+        # read_metrics skips a line cut short by the interruption
+        keep = [row for row in read_metrics(self.path)
+                if (row.get("epoch", 0) < epoch if row.get("kind") == "epoch"
+                    else row.get("step", 0) <= global_step)]
+        _write_text(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def reset(self) -> None:
         if self.path and os.path.exists(self.path):
@@ -353,18 +366,6 @@ class MetricsLogger:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,10 +505,19 @@ def _format_eta(seconds: float) -> str:
 
 @dataclass
 class LoopState:
-    epoch: int = 0           # epoch being run (after an epoch-end checkpoint: the next one)
-    step_in_epoch: int = 0   # optimizer steps of `epoch` already done
-    global_step: int = 0     # optimizer steps done in all
-    epoch_loss_sum: float = 0.0  # running sum of the step losses of `epoch`, for its mean
+    """Where the loop stands; saved in every checkpoint. The sums run over the steps of
+    `epoch` (for its means), across interruptions."""
+    epoch: int = 0               # epoch being run (after an epoch-end checkpoint: the next one)
+    step_in_epoch: int = 0       # optimizer steps of `epoch` already done
+    global_step: int = 0         # optimizer steps done in all
+    epoch_loss_sum: float = 0.0  # loss (task + lambda * penalty) of each step
+    epoch_task_sum: float = 0.0  # task loss alone of each step
+    epoch_seconds: float = 0.0   # time spent on `epoch`, validation excluded
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_loss_sum = self.epoch_task_sum = self.epoch_seconds = 0.0
 
 
 def _checkpoint_state(raw_model: nn.Module, optimizer, scheduler, scaler, loop: LoopState,
@@ -517,9 +527,8 @@ def _checkpoint_state(raw_model: nn.Module, optimizer, scheduler, scaler, loop: 
         "format": "vtp-train-checkpoint", "version": 1, "stage": cfg.stage,
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": loop.epoch, "step_in_epoch": loop.step_in_epoch, "global_step": loop.global_step,
-        "epoch_loss_sum": loop.epoch_loss_sum,
-        "world_size": info.world_size, "rng": rng, "train_config": _plain(asdict(cfg)),
+        **asdict(loop), "world_size": info.world_size, "rng": rng,
+        "train_config": _plain(asdict(cfg)),
     }
 
 
@@ -546,6 +555,22 @@ def _check_resume(ckpt: Dict[str, Any], cfg: TrainConfig, info: DistInfo, say: C
     if ckpt.get("world_size") != info.world_size:
         say(f"warning: resuming on {info.world_size} processes from a checkpoint of "
             f"{ckpt.get('world_size')}: the data order of the current epoch changes")
+
+
+def _wrap_ddp(raw_model: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel without a per-forward buffer broadcast: the buffers (kept-index
+    tables of pruned layers) never change. Every parameter takes part in each forward (gates,
+    constant branches included), so no search for unused ones."""
+    import inspect
+
+    ddp = nn.parallel.DistributedDataParallel
+    kwargs: Dict[str, Any] = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
+    # newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
+    return ddp(raw_model, **kwargs)
 
 
 def train_step(model: nn.Module, raw_model: nn.Module, batches, cfg: TrainConfig, info: DistInfo,
@@ -596,25 +621,30 @@ def _restore(ckpt_path: str, raw_model: nn.Module, optimizer, scheduler, scaler,
         raise VTPError(f"checkpoint {ckpt_path} does not fit the model: {e}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    else:  # the checkpoint was written without float16 autocast: no scale to continue from
+        say("warning: the checkpoint has no gradient-scaler state (it was trained without "
+            "--amp-dtype float16); the scaler starts afresh")
     rng = ckpt["rng"]
     if len(rng) == info.world_size:
         restore_rng(rng[info.rank], info.device)
     else:
         seed_everything(cfg.seed + info.rank + 7919 * ckpt["global_step"])
-    return LoopState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"],
-                     ckpt["epoch_loss_sum"])
+    return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState) if f.name in ckpt})
 
 
 def _epoch_row(raw_model: nn.Module, cfg: TrainConfig, info: DistInfo, val_ds, loop: LoopState,
-               steps_per_epoch: int, lr: float, images: int, seconds: float,
-               gated: bool) -> Dict[str, Any]:
+               steps_per_epoch: int, lr: float, gated: bool) -> Dict[str, Any]:
     """The metrics line of a finished epoch, with validation and gate statistics."""
     from . import imagenet_data as data
 
+    images = steps_per_epoch * cfg.global_batch(info.world_size)
     row = {"stage": cfg.stage, "kind": "epoch", "epoch": loop.epoch, "step": loop.global_step,
-           "train_loss": loop.epoch_loss_sum / steps_per_epoch, "lr": lr,
-           "images_per_s": images / max(seconds, 1e-9), "epoch_time_s": seconds}
+           "train_loss": loop.epoch_loss_sum / steps_per_epoch,
+           "train_task_loss": loop.epoch_task_sum / steps_per_epoch, "lr": lr,
+           "images_per_s": images / max(loop.epoch_seconds, 1e-9),
+           "epoch_time_s": loop.epoch_seconds}
     if val_ds is not None and len(val_ds):
         loader = data.eval_loader(val_ds, batch_size=cfg.eval_batch_size, rank=info.rank,
                                   world_size=info.world_size, workers=cfg.workers,
@@ -660,6 +690,8 @@ def fit(
     out_dir/checkpoints/last.pt and out_dir/metrics.jsonl (rank 0 only).
 
     `after_step` is called after every optimizer step (tests use it to simulate a crash)."""
+    from tqdm import tqdm
+
     from . import imagenet_data as data
 
     raw_model = model
@@ -695,9 +727,7 @@ def fit(
         scheduler.step_update(0)
 
     if info.distributed:
-        ddp_kwargs = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
-        # Buffers (kept-index tables of pruned layers) never change: no per-forward broadcast.
-        model = nn.parallel.DistributedDataParallel(raw_model, broadcast_buffers=False, **ddp_kwargs)
+        model = _wrap_ddp(raw_model, info)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -716,6 +746,7 @@ def fit(
     steps_this_run = 0
 
     while loop.epoch < cfg.epochs:
+        tick = time.perf_counter()
         model.train()
         loader = data.train_loader(train_ds, batch_size=cfg.batch_size, rank=info.rank,
                                    world_size=info.world_size, seed=cfg.seed, epoch=loop.epoch,
@@ -723,14 +754,10 @@ def fit(
                                    aug_repeats=cfg.aug_repeats, workers=cfg.workers,
                                    pin_memory=info.device.type == "cuda")
         batches = iter(loader)
-        bar = None
-        if cfg.progress and info.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=steps_per_epoch, initial=loop.step_in_epoch, unit="step",
-                       desc=f"{cfg.stage} {loop.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        bar = tqdm(total=steps_per_epoch, initial=loop.step_in_epoch, unit="step",
+                   desc=f"{cfg.stage} {loop.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
+                   disable=not (cfg.progress and info.is_main))
         window = _Window()
-        epoch_t0 = time.perf_counter()
-        images_this_epoch = 0
 
         while loop.step_in_epoch < steps_per_epoch:
             step_t0 = time.perf_counter()
@@ -738,8 +765,7 @@ def fit(
             task, pen, finite = train_step(model, raw_model, batches, cfg, info, criterion,
                                            penalty_fn, scaler, mixup_fn)
             if not finite:
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 where = f"the checkpoint {ckpt_path}" if os.path.exists(ckpt_path) else "not saved yet"
                 raise VTPError(
                     f"{cfg.stage}: loss is {task + cfg.lam * pen} at step {loop.global_step + 1} "
@@ -757,16 +783,17 @@ def fit(
 
             loss = task + cfg.lam * pen
             loop.epoch_loss_sum += loss
+            loop.epoch_task_sum += task
+            now = time.perf_counter()
+            loop.epoch_seconds += now - tick
+            tick = now
             window.add(loss, task, pen)
             steps_this_run += 1
-            images_this_epoch += images_per_step
-            eta = (time.perf_counter() - run_start) / steps_this_run * (total_steps - loop.global_step)
-            if bar is not None:
-                step_ips = images_per_step / max(1e-9, time.perf_counter() - step_t0)
-                bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{current_lr():.2e}",
-                                 "img/s": f"{step_ips:.0f}", "eta": _format_eta(eta)},
-                                refresh=False)
-                bar.update(1)
+            eta = (now - run_start) / steps_this_run * (total_steps - loop.global_step)
+            bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{current_lr():.2e}",
+                             "img/s": f"{images_per_step / max(1e-9, now - step_t0):.0f}",
+                             "eta": _format_eta(eta)}, refresh=False)
+            bar.update(1)
             if loop.global_step % cfg.log_every == 0 or loop.step_in_epoch == steps_per_epoch:
                 seconds = time.perf_counter() - window.t0
                 metrics.log({
@@ -782,25 +809,22 @@ def fit(
             if stop_now or (cfg.save_every and loop.global_step % cfg.save_every == 0):
                 save()
             if stop_now:
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 say(f"{cfg.stage}: stopped at step {loop.global_step} as asked "
                     "(--stop-after-steps); continue with --resume")
                 summary.update(stopped=True, global_step=loop.global_step)
                 return summary
 
-        if bar is not None:
-            bar.close()
+        bar.close()
+        loop.epoch_seconds += time.perf_counter() - tick
         row = _epoch_row(raw_model, cfg, info, val_ds, loop, steps_per_epoch, current_lr(),
-                         images_this_epoch, time.perf_counter() - epoch_t0, penalty_fn is not None)
+                         penalty_fn is not None)
         metrics.log(row)
         summary["last_epoch"] = row
         say(f"{cfg.stage} epoch {loop.epoch + 1}/{cfg.epochs}: " + ", ".join(
             f"{k} {row[k]:.4g}" for k in ("train_loss", "val_loss", "val_acc1", "images_per_s")
             if k in row))
-        loop.epoch += 1
-        loop.step_in_epoch = 0
-        loop.epoch_loss_sum = 0.0
+        loop.next_epoch()
         save()
 
     summary["global_step"] = loop.global_step

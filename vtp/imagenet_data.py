@@ -67,16 +67,30 @@ def check_data_args(data: Optional[str], synthetic: bool, splits: Sequence[str])
             raise VTPError(f"data folder {data} has no '{split}' sub-folder ({path})")
 
 
-def image_folder(root: str, split: str, class_map: Optional[Dict[str, int]]):
+def image_folder(root: str, split: str, class_map: Optional[Dict[str, int]] = None,
+                 map_source: str = "the training split"):
+    """The ImageFolder dataset of root/split. With `class_map`, targets follow that map and a
+    class folder missing from it is an error (timm would silently drop its images)."""
     path = os.path.join(root, split)
-    try:
-        # search_split=False: `path` is the split folder itself, never a guess of timm's.
-        ds = create_dataset("", root=path, split=split, search_split=False,
-                            class_map=class_map or "")
-    except Exception as e:  # timm raises RuntimeError/AssertionError on empty folders
-        raise VTPError(f"cannot read images from {path}: {e}") from None
+
+    def read(mapping):
+        try:
+            # search_split=False: `path` is the split folder itself, never a guess of timm's.
+            return create_dataset("", root=path, split=split, search_split=False,
+                                  class_map=mapping or "")
+        except Exception as e:  # timm raises RuntimeError/AssertionError on empty folders
+            raise VTPError(f"cannot read images from {path}: {e}") from None
+
+    ds = read(None)
     if len(ds) == 0:
         raise VTPError(f"no images found under {path}")
+    if class_map is not None and ds.reader.class_to_idx != class_map:
+        unknown = sorted(set(ds.reader.class_to_idx) - set(class_map))
+        if unknown:
+            more = " ..." if len(unknown) > 5 else ""
+            raise VTPError(f"{path}: class folders {', '.join(unknown[:5])}{more} are not among "
+                           f"the {len(class_map)} classes of {map_source}")
+        ds = read(dict(class_map))
     return ds
 
 
@@ -89,25 +103,29 @@ def build_datasets(
         num_classes: Optional[int] = None,
         synthetic_size: int = 0,
         synthetic_val_size: int = 0,
+        class_map: Optional[Dict[str, int]] = None,
 ) -> Tuple[Optional[Dataset], Optional[Dataset], DataSpec]:
-    """Train and validation datasets (without transforms) and the class count.
-    The validation split reuses the training split's class indices."""
+    """Train and validation datasets (without transforms) and the class count. Class indices
+    follow `class_map` (a trained model's) when given, else the training split's folders;
+    the validation split reuses them."""
     if synthetic:
         n_cls = num_classes or 1000
         train = SyntheticImages(synthetic_size, n_cls, img_size, seed=0) if train_split else None
         val = SyntheticImages(synthetic_val_size, n_cls, img_size, seed=1) if synthetic_val_size else None
         return train, val, DataSpec(n_cls, len(train) if train else 0, len(val) if val else 0)
-    train = image_folder(data, train_split, None) if train_split else None
-    class_map = dict(train.reader.class_to_idx) if train is not None else None
-    val = None
-    if val_split:
-        val = image_folder(data, val_split, class_map)
-    found = len((class_map if class_map is not None else val.reader.class_to_idx))
+    map_source = "the model" if class_map is not None else "the training split"
+    train = image_folder(data, train_split, class_map, map_source) if train_split else None
+    if class_map is None and train is not None:
+        class_map = dict(train.reader.class_to_idx)
+    val = image_folder(data, val_split, class_map, map_source) if val_split else None
+    if class_map is None:
+        class_map = dict(val.reader.class_to_idx)
+    found = max(class_map.values()) + 1
     n_cls = num_classes or found
     if n_cls < found:
-        raise VTPError(f"--num-classes {n_cls} is smaller than the {found} class folders in {data}")
+        raise VTPError(f"--num-classes {n_cls} is smaller than the {found} classes of {data}")
     return train, val, DataSpec(n_cls, len(train) if train else 0, len(val) if val else 0,
-                                class_map or dict(val.reader.class_to_idx))
+                                dict(class_map))
 
 
 def train_transform(img_size, *, no_aug: bool, aa: Optional[str], color_jitter: float,

@@ -117,7 +117,9 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
             handles.append(m.register_forward_hook(attention_hook))
     was_training = model.training
     ref = next(model.parameters())
-    x = torch.randn(1, model.patch_embed.proj.in_channels, *size, device=ref.device, dtype=ref.dtype)
+    # A private generator: profiling must not shift the caller's random stream.
+    x = torch.randn(1, model.patch_embed.proj.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=ref.device, dtype=ref.dtype)
     try:
         model.eval()
         with torch.no_grad():

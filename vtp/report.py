@@ -14,7 +14,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["write_report", "collect", "format_table", "plot_kept", "plot_gate_hist", "plot_curves"]
+__all__ = ["write_report", "collect", "format_table", "plot_kept", "plot_gate_hist", "plot_curves",
+           "read_metrics"]
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 STAGES = ("sparse-train", "finetune")
@@ -36,7 +37,8 @@ def _first(run: str, *relative: str) -> Optional[str]:
     return None
 
 
-def _metrics(path: Optional[str]) -> List[Dict[str, Any]]:
+def read_metrics(path: Optional[str]) -> List[Dict[str, Any]]:
+    """The rows of a metrics.jsonl file; a line cut short by an interruption is skipped."""
     rows: List[Dict[str, Any]] = []
     if path and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -51,22 +53,20 @@ def _metrics(path: Optional[str]) -> List[Dict[str, Any]]:
 def collect(run: str) -> Dict[str, Any]:
     """Everything the report shows, from a `vtp run` directory or a single stage directory."""
     plan_path = _first(run, "prune/plan.json", "plan.json")
-    gates_path = _first(run, "prune/gates.json", "gates.json")
+    prune_dir = os.path.dirname(plan_path) if plan_path else os.path.join(run, "prune")
     out = {
         "dense": _read_json(os.path.join(run, "eval-dense", "eval.json")),
         "pruned": _read_json(os.path.join(run, "eval-pruned", "eval.json")),
-        "prune": _read_json(_first(run, "prune/summary.json") or "") if _first(run, "prune/summary.json") else None,
-        "plan": _read_json(plan_path) if plan_path else None,
-        "gates": _read_json(gates_path) if gates_path else None,
+        "prune": _read_json(os.path.join(prune_dir, "summary.json")),
+        "plan": _read_json(os.path.join(prune_dir, "plan.json")),
+        "gates": _read_json(os.path.join(prune_dir, "gates.json")),
         "metrics": {},
     }
-    if out["prune"] is None and plan_path and os.path.dirname(plan_path) == run.rstrip("/"):
-        out["prune"] = _read_json(os.path.join(run, "summary.json"))
     for stage in STAGES:
-        rows = _metrics(_first(run, f"{stage}/metrics.jsonl"))
+        rows = read_metrics(os.path.join(run, stage, "metrics.jsonl"))
         if not rows:
-            own = _metrics(_first(run, "metrics.jsonl"))
-            rows = [r for r in own if r.get("stage") == stage]
+            rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl"))
+                    if r.get("stage") == stage]
         if rows:
             out["metrics"][stage] = rows
     return out
@@ -213,8 +213,14 @@ def plot_gate_hist(gates: Dict[str, List[float]], plan: Optional[Dict[str, Any]]
     plt.close(fig)
 
 
+def _task_loss(row: Dict[str, Any], key: str) -> Optional[float]:
+    """The task loss of a metrics row: what the validation loss compares to (the training
+    loss of sparse training also holds lambda * sum|gate|)."""
+    return row.get("task_loss" if key == "loss" else "train_task_loss", row.get(key))
+
+
 def plot_curves(metrics: Dict[str, List[Dict[str, Any]]], path: str) -> None:
-    """Loss and top-1 per epoch; fine-tuning epochs continue after sparse training's."""
+    """Task loss and top-1 per epoch; fine-tuning epochs continue after sparse training's."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
@@ -229,11 +235,11 @@ def plot_curves(metrics: Dict[str, List[Dict[str, Any]]], path: str) -> None:
         if epochs and epochs[0].get("step"):
             spe = epochs[0]["step"] / (epochs[0]["epoch"] + 1)
         if steps and spe:
-            ax1.plot([offset + r["step"] / spe for r in steps], [r["loss"] for r in steps],
+            ax1.plot([offset + r["step"] / spe for r in steps], [_task_loss(r, "loss") for r in steps],
                      color=color, alpha=0.3, linewidth=1)
         x = [offset + r["epoch"] + 1 for r in epochs]
         if epochs:
-            ax1.plot(x, [r.get("train_loss") for r in epochs], "o-", color=color,
+            ax1.plot(x, [_task_loss(r, "train_loss") for r in epochs], "o-", color=color,
                      label=f"{stage} train")
             if any("val_loss" in r for r in epochs):
                 ax1.plot(x, [r.get("val_loss") for r in epochs], "s--", color=color,
@@ -246,8 +252,8 @@ def plot_curves(metrics: Dict[str, List[Dict[str, Any]]], path: str) -> None:
                     ax.axvline(offset + 0.5, color="grey", linestyle=":", linewidth=1)
             offset = x[-1]
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.set_title("loss")
+    ax1.set_ylabel("cross-entropy")
+    ax1.set_title("task loss (without the gate penalty)")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("top-1 %")
     ax2.set_title("validation accuracy")
