@@ -198,6 +198,40 @@ def test_gradcheck_triton():
     assert torch.autograd.gradcheck(gated_linear_triton, inputs, fast_mode=True)
 
 
+def test_every_dot_names_its_accumulator_dtype():
+    # Triton 3.6 (what the GPUs run) defaults tl.dot's out_dtype to fp32 and asserts that
+    # an accumulator passed in has that dtype, so the fp64 path fails to compile unless
+    # out_dtype is given; newer Triton infers it from the accumulator, which hides this.
+    import inspect
+    import re
+    source = inspect.getsource(kernels)
+    dots = re.findall(r"tl\.dot\(([^\n]*)\)", source)
+    assert len(dots) == 3
+    assert all("out_dtype=ACC_DTYPE" in call for call in dots), dots
+
+
+# Shared memory of the software pipeline, per kernel: (A tile, B tile) of one K step.
+_PIPELINED_TILES = {
+    "forward": lambda m, n, k: m * k + k * n,        # x [M, K] and W.T [K, N]
+    "input_grad": lambda m, n, k: m * n + n * k,     # dy [M, N] and W [N, K]
+    "weight_grad": lambda m, n, k: n * m + m * k,    # dy.T [N, M] and x [M, K]
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(_PIPELINED_TILES))
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_some_cuda_config_fits_h100_shared_memory(kernel, itemsize):
+    # The autotuner skips configs that run out of shared memory, but if none fits, the
+    # launch fails. stages x tiles x itemsize matched sm_90 compiles to within 1 KB.
+    configs = kernels._WEIGHT_CONFIGS if kernel == "weight_grad" else kernels._ROWS_CONFIGS
+    tiles = _PIPELINED_TILES[kernel]
+    h100_bytes = 227 * 1024
+    fitting = [c for c in configs
+               if c.num_stages * itemsize * tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+               <= h100_bytes - 4096]
+    assert fitting, f"{kernel}: no config fits {h100_bytes} B with {itemsize}-byte inputs"
+
+
 # ---------------------------------------------------------------------------------------
 # Backend switch
 

@@ -3,6 +3,7 @@
 The reference always runs in fp32 on the (upcast) inputs the kernel saw, so for fp16 the
 comparison measures the kernel's error, not the reference's.
 """
+import importlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 import vtp_kernels
 from vtp_kernels import reference
@@ -152,6 +154,17 @@ def test_torch_compile_fullgraph():
         loss(*eager).backward()
     for got, want in zip(leaves, eager):
         torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)  # same kernels, same order
+
+
+def test_backward_configs_that_would_spill_are_pruned():
+    # Compiled for sm_90 at D = 768, the backward spills beyond 16 tile elements per thread.
+    kernels = importlib.import_module("vtp_kernels.layer_norm_gather")
+    configs = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8)]
+    kept = kernels._prune_bwd_configs(configs, {"D": 768})
+    assert {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept} == {(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)}
+    # Rows too wide for any config: one config is still left, the smallest tile.
+    (only,) = kernels._prune_bwd_configs(configs, {"D": 1 << 16})
+    assert (only.kwargs["BLOCK_M"], only.num_warps) == (1, 8)
 
 
 def test_public_op_survives_kernel_import():

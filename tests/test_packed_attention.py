@@ -135,6 +135,21 @@ def test_only_requested_gradients():
     torch.testing.assert_close(v.grad, v_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_only_dq_requested():
+    """k and v frozen: dk and dv come back as two distinct empty tensors (custom op outputs
+    may not alias one another)."""
+    B, H, N, D, widths = 1, 3, 13, 32, (4, 16, 0)
+    q = torch.randn(B, H, N, D, requires_grad=True)
+    k = torch.randn(B, H, N, D)
+    v = torch.randn(B, N, sum(widths))
+    dout = torch.randn(B, N, sum(widths))
+    with vtp_kernels.use_backend("triton"):
+        vtp_kernels.packed_attention(q, k, v, widths, scale=0.3).backward(dout)
+    q_ref = q.detach().clone().requires_grad_()
+    reference.packed_attention(q_ref, k, v, widths, scale=0.3).backward(dout)
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_fullgraph():
     B, H, N, D, widths = 1, 3, 13, 32, (5, 0, 32)
     qkv = make_qkv(B, N, H, D, widths, torch.float32)

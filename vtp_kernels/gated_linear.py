@@ -95,9 +95,12 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
 # ---------------------
 # On a GPU each kernel is autotuned over a short list keyed on (M, N, K): large tiles for
 # the DeiT shapes (M ~ 50k rows), smaller ones that still fill 100+ SMs when N * K is small
-# (the weight-gradient kernel has only (N / BLOCK_N) * (K / BLOCK_K) programs). With 16-bit
-# inputs the shared memory of every config fits an A100 (164 KB) as well as an H100 (228 KB);
-# the autotuner skips a config that does not fit (fp32 inputs on the largest tiles).
+# (the weight-gradient kernel has only (N / BLOCK_N) * (K / BLOCK_K) programs). The
+# autotuner skips a config whose shared memory does not fit the device (H100: 228 KB):
+# compiled for sm_90, the forward's configs all fit with 16-bit inputs, but the input
+# gradient pipelines BLOCK_M x BLOCK_N and BLOCK_N x BLOCK_K tiles, so 128 x 256 x 64 does
+# not fit it even in bf16, and fp32 / fp64 inputs lose most of the large tiles. Every kernel
+# keeps at least one config that fits in every dtype.
 # Under TRITON_INTERPRET=1 the autotuner cannot benchmark several configs, so one config is
 # used. Its cost there is a few milliseconds per program plus numpy's unblocked matmul over
 # the whole padded tile: 64 x 64 x 64 was the fastest on the test shapes, ahead of 128 and 32.
@@ -120,6 +123,10 @@ _ROWS_CONFIGS = [
     _config(64, 256, 32, 4, 4),
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 64, 4, 4),
+    # Small enough for every dtype in both kernels: with fp32 operands only two of the
+    # configs above fit in the input-gradient kernel (whose pipelined tiles are
+    # BLOCK_M x BLOCK_N and BLOCK_N x BLOCK_K), with fp64 none would.
+    _config(64, 64, 32, 3, 4),
 ]
 
 # Weight gradient (tiles N x K, loop over the M rows).
@@ -188,7 +195,7 @@ def _forward_kernel(
         w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
         gate = tl.load(gate_ptrs, mask=k_in, other=0.0).to(ACC_DTYPE)
         w = (w.to(ACC_DTYPE) * gate[:, None]).to(x.dtype)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
         gate_ptrs += BLOCK_K * stride_gate
@@ -230,7 +237,7 @@ def _input_grad_kernel(
         n_in = offs_n < N - n_start
         dy = tl.load(dy_ptrs, mask=n_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_in[:, None], other=0.0)
-        acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
 
@@ -280,7 +287,7 @@ def _weight_grad_kernel(
         x_rows = _row_offsets(rows, x_rows_per_group, stride_x_group, stride_x_row)
         dy_t = tl.load(dy_ptr + dy_cols[:, None] + dy_rows[None, :], mask=m_in[None, :], other=0.0)
         x = tl.load(x_ptr + x_rows[:, None] + x_cols[None, :], mask=m_in[:, None], other=0.0)
-        acc = tl.dot(dy_t, x.to(dy_t.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dy_t, x.to(dy_t.dtype), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     n_in = n_offs < N
     k_in = k_offs < K

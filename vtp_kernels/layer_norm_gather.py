@@ -38,8 +38,9 @@ __all__ = ["layer_norm_gather_triton"]
 # Launch configurations
 # ---------------------------------------------------------------------------------------
 # Both kernels hold a [BLOCK_M, BLOCK_D] tile of whole rows in registers. On a GPU the
-# autotuner picks BLOCK_M (rows per tile) and num_warps per (D, k, dtype); tiles above
-# 8192 elements would spill registers and are pruned before benchmarking. The interpreter
+# autotuner picks BLOCK_M (rows per tile) and num_warps per (D, k, dtype); forward tiles
+# above 8192 elements would spill registers and are pruned before benchmarking, and the
+# backward, which holds several such tiles, is pruned more tightly. The interpreter
 # cannot benchmark several configs, and its cost is per program instance and per loop
 # step rather than per element, so it gets one config with tall tiles.
 
@@ -60,6 +61,19 @@ def _prune_configs(configs, named_args, **kwargs):
     block_d = triton.next_power_of_2(named_args["D"])
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] * block_d <= _MAX_TILE]
     return fitting or configs[:1]
+
+
+# The backward keeps about six live [BLOCK_M, BLOCK_D] fp32 tiles (two accumulators, x,
+# xhat, dy, g). Compiled for sm_90 at D = 768, up to 16 elements of a tile per thread fit
+# in registers; 32 spill (3-8 KB of stack per thread at BLOCK_M = 8 or 16 with 4 warps).
+_MAX_BWD_PER_THREAD = 16
+
+
+def _prune_bwd_configs(configs, named_args, **kwargs):
+    block_d = triton.next_power_of_2(named_args["D"])
+    fitting = [c for c in configs
+               if c.kwargs["BLOCK_M"] * block_d <= _MAX_BWD_PER_THREAD * 32 * c.num_warps]
+    return fitting or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], -c.num_warps))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,7 +127,7 @@ def _layer_norm_gather_fwd_kernel(
 # ---------------------------------------------------------------------------------------
 # A fixed number of programs (a few per SM) each walk a contiguous run of rows, so the
 # partial-sum buffer is [programs, k] regardless of M and the final sum is tiny.
-@triton.autotune(configs=_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_bwd_configs})
 @triton.jit
 def _layer_norm_gather_bwd_kernel(
     DY, X, W, Mean, Rstd, Pos, DX, DW_partial, DB_partial,

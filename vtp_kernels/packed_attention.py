@@ -415,7 +415,9 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
     table, widths_align = _head_table(widths, q.device)
     n_kept = table.shape[0]
     dropped = [h for h, w in enumerate(widths) if w == 0]
-    nothing = q.new_empty(0)
+
+    def nothing() -> torch.Tensor:  # a fresh one each time: custom op outputs may not alias
+        return q.new_empty(0)
 
     def head_grad() -> torch.Tensor:
         g = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
@@ -423,9 +425,9 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
             g[:, dropped] = 0
         return g
 
-    dq = head_grad() if need_dq else nothing
-    dk = head_grad() if need_dkv else nothing
-    dv = torch.empty(B, N, v_total, device=v.device, dtype=v.dtype) if need_dkv else nothing
+    dq = head_grad() if need_dq else nothing()
+    dk = head_grad() if need_dkv else nothing()
+    dv = torch.empty(B, N, v_total, device=v.device, dtype=v.dtype) if need_dkv else nothing()
     if n_kept == 0 or not (need_dq or need_dkv):
         return dq, dk, dv
 
@@ -477,10 +479,9 @@ def _packed_attention_bwd(
 
 @_packed_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv):
-    nothing = q.new_empty(0)
-    return (q.new_empty(q.shape) if need_dq else nothing,
-            k.new_empty(k.shape) if need_dkv else nothing,
-            v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else nothing)
+    return (q.new_empty(q.shape) if need_dq else q.new_empty(0),
+            k.new_empty(k.shape) if need_dkv else q.new_empty(0),
+            v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
