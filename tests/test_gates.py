@@ -83,3 +83,12 @@ def test_unsupported_models_are_named():
     rope = timm.create_model("vit_base_patch16_rope_224", pretrained=False, depth=1)
     with pytest.raises(TypeError, match="model: expected a timm VisionTransformer, got Eva"):
         vtp.add_gates(rope)
+
+
+def test_blocks_with_different_head_dims_are_refused():
+    from timm.models.vision_transformer import Attention
+
+    model = make_vit()
+    model.blocks[1].attn = Attention(48, num_heads=6, qkv_bias=True).double()
+    with pytest.raises(TypeError, match="head_dim"):
+        vtp.add_gates(model)

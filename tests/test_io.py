@@ -113,4 +113,61 @@ def test_truncated_or_altered_files_are_errors(tmp_path):
 def test_metadata_must_be_json(tmp_path):
     with pytest.raises(TypeError, match="metadata"):
         vtp.save(make_vit(), tmp_path / "m", metadata={"x": object()})
+    with pytest.raises(TypeError, match="metadata: expected a dict"):
+        vtp.save(make_vit(), tmp_path / "m", metadata=[("acc", 0.5)])
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("options", [dict(global_pool="avg", pool_include_prefix=True),
+                                     dict(dynamic_img_size=True, dynamic_img_pad=True)])
+def test_round_trip_keeps_options_that_are_plain_attributes(options, tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    from vit_variants import BASE
+
+    model = vtp.add_gates(VisionTransformer(**{**BASE, **options}).double().eval())
+    randomize_gates(model)
+    small = vtp.prune(model, vtp.plan(model, ratio=0.5))
+    x = torch.randn(2, 3, 36, 36, dtype=torch.float64) if options.get("dynamic_img_pad") else _x()
+    for name, m in (("gated", model), ("pruned", small)):
+        vtp.save(m, tmp_path / name)
+        torch.testing.assert_close(vtp.load(tmp_path / name)(x), m(x), rtol=0, atol=0)
+
+
+def test_pruned_model_saves_with_the_drop_path_it_is_fine_tuned_with(tmp_path):
+    from vtp.engine import set_drop_path
+
+    small = _pruned("layer_scale")
+    set_drop_path(small, 0.2)
+    vtp.save(small, tmp_path / "m")
+    loaded = vtp.load(tmp_path / "m")
+    assert repr(loaded) == repr(small)
+    x = _x()
+    torch.testing.assert_close(loaded(x), small.eval()(x), rtol=0, atol=0)
+
+
+def test_pruned_model_with_custom_head_dim_is_refused_with_type_error(tmp_path):
+    from timm.models.vision_transformer import Attention, VisionTransformer
+    from vit_variants import BASE
+
+    model = VisionTransformer(**BASE).double().eval()
+    for block in model.blocks:
+        block.attn = Attention(48, num_heads=3, attn_head_dim=8, qkv_bias=True).double()
+    vtp.add_gates(model)
+    small = vtp.prune(model, vtp.plan(model, ratio=0.5))
+    with pytest.raises(TypeError, match="cannot be described"):
+        vtp.save(small, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_run_time_switches_do_not_block_saving(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    from vit_variants import BASE
+
+    model = vtp.add_gates(make_vit("distilled"))
+    model.set_grad_checkpointing(True)
+    model.set_distilled_training(True)
+    model.blocks[0].attn.fused_attn = not model.blocks[0].attn.fused_attn
+    vtp.save(model, tmp_path / "distilled")
+    vtp.save(VisionTransformer(**BASE, fix_init=True, init_values=0.1), tmp_path / "fix_init")
+    x = _x()
+    torch.testing.assert_close(vtp.load(tmp_path / "distilled")(x), model.eval()(x), rtol=1e-12, atol=1e-12)

@@ -113,3 +113,26 @@ def test_plan_needs_gates_and_valid_json():
         vtp.PruningPlan(kept={"blocks.0.attn_in": [3, 1]}, sizes={"blocks.0.attn_in": 8}, head_dim=4)
     with pytest.raises(ValueError, match="sorted unique"):
         vtp.PruningPlan(kept={"blocks.0.attn_in": [9]}, sizes={"blocks.0.attn_in": 8}, head_dim=4)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["kept"]["blocks.0.attn_in"].__setitem__(0, 1.5),
+    lambda d: d["kept"]["blocks.0.attn_in"].__setitem__(0, "0"),
+    lambda d: d["kept"].__setitem__("blocks.0.attn_in", "12"),
+    lambda d: d["kept"].__setitem__("blocks.0.attn_in", [True]),
+    lambda d: d["sizes"].__setitem__("blocks.0.attn_in", 48.5),
+    lambda d: d.__setitem__("head_dim", "16"),
+    lambda d: d.__setitem__("head_dim", 0),
+])
+def test_hand_edited_plan_with_non_integers_is_refused_not_rounded(model, edit):
+    data = vtp.plan(model, ratio=0.4).to_dict()
+    edit(data)
+    with pytest.raises(ValueError, match="integers|>= 1"):
+        vtp.PruningPlan.from_json(json.dumps(data))
+
+
+def test_non_finite_gates_are_refused(model):
+    with torch.no_grad():
+        vtp.gates(model)["blocks.1.mlp_in"][3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        vtp.plan(model, ratio=0.4)

@@ -46,3 +46,31 @@ def test_pruned_profile_matches_its_shapes():
         expected += tokens * attn.proj.in_features * attn.proj.out_features
         expected += tokens * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
     assert p.macs == expected
+
+
+@pytest.mark.parametrize("img_size", [36, (40, 44)])
+def test_planner_counts_the_tokens_of_padded_dynamic_images(img_size):
+    from timm.models.vision_transformer import VisionTransformer
+    from vit_variants import BASE
+    from vtp.plan import plan_macs
+
+    model = vtp.add_gates(VisionTransformer(**{**BASE, "dynamic_img_size": True, "dynamic_img_pad": True}))
+    randomize_gates(model)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    from vtp.profile import num_tokens
+    assert num_tokens(model, img_size) == -(-h // 8) * -(-w // 8) + 1
+    plan = vtp.plan(model, flops_target=0.5, img_size=img_size)
+    small = vtp.prune(model, plan)
+    assert vtp.profile(small, img_size).macs == plan.rule["macs"] == plan_macs(model, plan.kept, plan.head_dim, img_size)
+    assert plan.rule["macs"] <= 0.5 * vtp.profile(model, img_size).macs
+
+
+def test_image_sizes_the_model_cannot_take_are_named():
+    from timm.models.vision_transformer import VisionTransformer
+    from vit_variants import BASE
+
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        vtp.profile(make_vit(), img_size=48)
+    with pytest.raises(ValueError, match="patch size"):
+        vtp.profile(VisionTransformer(**{**BASE, "dynamic_img_size": True}), img_size=36)
+    assert vtp.profile(make_vit(), img_size=32) == vtp.profile(make_vit())

@@ -91,3 +91,43 @@ def test_prune_rejects_bad_input():
                                               mlp_ratio=2.0, num_classes=5, attn_drop_rate=0.1).double())
     with pytest.raises(ValueError, match="attn_drop_rate"):
         vtp.prune(dropout, plan)
+
+
+def test_subclass_that_save_cannot_describe_still_prunes(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+    from vit_variants import BASE
+
+    class CustomViT(VisionTransformer):
+        pass
+
+    model = vtp.add_gates(CustomViT(**BASE).double().eval())
+    randomize_gates(model)
+    plan = vtp.plan(model, ratio=0.5)
+    small = vtp.prune(model, plan)
+    masked = copy.deepcopy(model)
+    masked_copy_gates(masked, plan)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-9, atol=1e-9)
+    with pytest.raises(TypeError, match="cannot be described"):
+        vtp.save(small, tmp_path / "m")
+
+
+def test_prune_on_the_meta_device_builds_the_same_structure():
+    model = vtp.add_gates(make_vit())
+    randomize_gates(model)
+    plan = _edge_case_plan(model, seed=2)
+    small = vtp.prune(model, plan)
+    meta = vtp.prune(copy.deepcopy(model).to("meta"), plan)
+    assert repr(meta) == repr(small)
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
+    assert all(v.is_meta for v in meta.state_dict().values())
+    with pytest.raises(ValueError, match="meta"):
+        vtp.plan(copy.deepcopy(model).to("meta"), ratio=0.5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_every_module_of_the_pruned_model_keeps_the_training_mode(training):
+    model = vtp.add_gates(make_vit()).train(training)
+    randomize_gates(model)
+    small = vtp.prune(model, _edge_case_plan(model, seed=3))
+    assert {m.training for m in small.modules()} == {training}

@@ -73,6 +73,9 @@ def check_supported(model: nn.Module) -> None:
         attn, mlp = block.attn, block.mlp
         if type(attn) is not Attention:
             raise TypeError(f"{where}.attn: VTP supports timm's Attention, got {type(attn).__name__}")
+        if attn.head_dim != model.blocks[0].attn.head_dim:
+            raise TypeError(f"{where}.attn: head_dim {attn.head_dim} differs from block 0's "
+                            f"({model.blocks[0].attn.head_dim}); a plan holds one head_dim")
         if not isinstance(attn.norm, nn.Identity):
             raise TypeError(f"{where}.attn: attention output normalisation (scale_attn_norm) is not supported")
         if getattr(attn, "gate", None) is not None:

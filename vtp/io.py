@@ -50,7 +50,7 @@ def architecture_config(model: nn.Module) -> dict:
     Read off a dense or gated timm ViT. Raises ``TypeError`` when the model uses an option
     these arguments cannot express (``save`` also checks the rebuilt model matches).
     """
-    from timm.layers import DropPath, LayerScale, PatchDropout
+    from timm.layers import LayerScale
 
     path = _class_path(model)
     if path not in ARCHITECTURES:
@@ -61,13 +61,13 @@ def architecture_config(model: nn.Module) -> dict:
     mlp_ratio = hidden / dim
     if int(dim * mlp_ratio) != hidden:
         raise TypeError(f"model: MLP width {hidden} is not expressible as embed_dim * mlp_ratio")
-    last = model.blocks[-1]
     args = dict(
         img_size=list(model.patch_embed.img_size),
         patch_size=list(model.patch_embed.patch_size),
         in_chans=model.patch_embed.proj.in_channels,
         num_classes=model.num_classes,
         global_pool=model.global_pool,
+        pool_include_prefix=model.pool_include_prefix,
         embed_dim=dim,
         depth=len(model.blocks),
         num_heads=b0.attn.num_heads,
@@ -84,14 +84,26 @@ def architecture_config(model: nn.Module) -> dict:
         final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
         dynamic_img_size=model.dynamic_img_size,
+        dynamic_img_pad=model.patch_embed.dynamic_img_pad,
+        proj_drop_rate=b0.attn.proj_drop.p,
+        attn_drop_rate=b0.attn.attn_drop.p,
+        **_drop_rates(model),
+    )
+    return {"architecture": path, "model_args": args}
+
+
+def _drop_rates(model: nn.Module) -> dict:
+    """The dropout and stochastic-depth rates that pruning leaves in place (and that
+    fine-tuning may change): head, position, patch dropout and drop path."""
+    from timm.layers import DropPath, PatchDropout
+
+    last = model.blocks[-1]
+    return dict(
         drop_rate=model.head_drop.p,
         pos_drop_rate=model.pos_drop.p,
         patch_drop_rate=model.patch_drop.prob if isinstance(model.patch_drop, PatchDropout) else 0.0,
-        proj_drop_rate=b0.attn.proj_drop.p,
-        attn_drop_rate=b0.attn.attn_drop.p,
         drop_path_rate=last.drop_path1.drop_prob if isinstance(last.drop_path1, DropPath) else 0.0,
     )
-    return {"architecture": path, "model_args": args}
 
 
 def build_model(config: dict) -> nn.Module:
@@ -132,7 +144,11 @@ def _describe(model: nn.Module) -> dict:
 
     plan = getattr(model, "vtp_plan", None)
     if plan is not None:
+        if getattr(model, "vtp_dense_config", None) is None:
+            raise TypeError("model: pruned from a model whose architecture cannot be described for vtp.load; "
+                            "only timm ViTs built from standard options are supported")
         base = dict(model.vtp_dense_config)
+        base["model_args"] = {**base["model_args"], **_drop_rates(model)}
         sites = sorted({n.split(".")[-1] for n in plan.kept}, key=SITES.index)
         base.update(gated_sites=sites, plan=plan.to_dict(), fold=bool(getattr(model, "vtp_fold", True)))
     else:
@@ -154,6 +170,8 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
         raise FileExistsError(f"directory: {target} exists and is not a vtp model directory; refusing to overwrite")
     if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata: expected a dict, got {type(metadata).__name__}")
         try:
             json.dumps(metadata)
         except TypeError as e:
@@ -190,13 +208,37 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
 
 def _check_rebuild(model: nn.Module, config: dict, state: dict) -> None:
     """Refuse to save what ``load`` would not rebuild identically."""
-    rebuilt = build_model(config)
+    try:
+        rebuilt = build_model(config)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"model: its architecture cannot be described for vtp.load ({e}); "
+                        "only timm ViTs built from standard options are supported") from None
     expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in rebuilt.state_dict().items()}
-    if expected != got or repr(rebuilt) != repr(model):
+    # Options a module keeps as plain attributes (pooling, padding, ...) show in neither.
+    attrs, rebuilt_attrs = _plain_attributes(model), _plain_attributes(rebuilt)
+    if expected != got or repr(rebuilt) != repr(model) or attrs != rebuilt_attrs:
         diff = sorted(set(expected.items()) ^ set(got.items()))[:3]
+        diff += sorted(k for k in set(attrs) | set(rebuilt_attrs) if attrs.get(k) != rebuilt_attrs.get(k))[:3]
         raise TypeError(f"model: its architecture cannot be described for vtp.load (first differences: {diff}); "
                         "only timm ViTs built from standard options are supported")
+
+
+_RUNTIME_ATTRIBUTES = ("training", "grad_checkpointing", "distilled_training", "fused_attn",
+                       "weight_init_mode", "init_values", "fix_init")
+
+
+def _plain_attributes(model: nn.Module) -> dict:
+    """Every module's scalar, string and tuple attributes, but those that only say how the
+    module was initialised or how it runs (checkpointing, attention implementation)."""
+    out = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or key in _RUNTIME_ATTRIBUTES:
+                continue
+            if isinstance(value, (bool, int, float, str, tuple, type(None))):
+                out[f"{name}.{key}"] = value
+    return out
 
 
 def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> nn.Module:

@@ -59,10 +59,11 @@ class KeptLayerNorm(nn.Module):
     def __init__(self, dim: int, index: torch.Tensor, eps: float = 1e-6, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        index = torch.as_tensor(index, dtype=torch.long, device=device).flatten()
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= dim):
+        index = torch.as_tensor(index, dtype=torch.long).flatten()
+        if index.numel() and index.device.type != "meta" and (int(index.min()) < 0 or int(index.max()) >= dim):
             raise ValueError(f"index: expected values in [0, {dim}), got range "
                              f"[{int(index.min())}, {int(index.max())}]")
+        index = index.to(device) if device is not None else index
         self.dim = dim
         self.eps = eps
         self.register_buffer("index", index)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -36,9 +37,12 @@ class PruningPlan:
     def __post_init__(self):
         if set(self.kept) != set(self.sizes):
             raise ValueError("plan: 'kept' and 'sizes' must name the same gates")
+        self.head_dim = _integer(self.head_dim, "head_dim", 1)
         for name, idx in self.kept.items():
-            size = self.sizes[name]
-            idx = [int(i) for i in idx]
+            size = self.sizes[name] = _integer(self.sizes[name], f"sizes[{name!r}]", 1)
+            if isinstance(idx, (str, bytes)):
+                raise ValueError(f"plan: kept[{name!r}] must be a list of indices, got {idx!r}")
+            idx = [_integer(i, f"kept[{name!r}]", 0) for i in idx]
             if idx != sorted(set(idx)) or (idx and (idx[0] < 0 or idx[-1] >= size)):
                 raise ValueError(f"plan: kept[{name!r}] must be sorted unique indices in [0, {size})")
             self.kept[name] = idx
@@ -96,9 +100,8 @@ class PruningPlan:
         if data.get("version") != PLAN_VERSION:
             raise ValueError(f"plan: unsupported version {data.get('version')!r}, expected {PLAN_VERSION}")
         try:
-            return cls(kept={k: list(v) for k, v in data["kept"].items()},
-                       sizes={k: int(v) for k, v in data["sizes"].items()},
-                       head_dim=int(data["head_dim"]), rule=dict(data.get("rule", {})))
+            return cls(kept={k: list(v) for k, v in data["kept"].items()}, sizes=dict(data["sizes"]),
+                       head_dim=data["head_dim"], rule=dict(data.get("rule", {})))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"plan: malformed plan data ({e!r})") from None
 
@@ -139,6 +142,19 @@ class PruningPlan:
         head_dim = model.blocks[0].attn.head_dim
         if head_dim != self.head_dim:
             raise ValueError(f"plan: made for head_dim={self.head_dim}, model has head_dim={head_dim}")
+
+
+def _integer(value, what: str, low: int) -> int:
+    """``value`` as an int >= ``low``; floats, strings and bools are errors, not rounded."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"plan: {what} must hold integers, got {value!r}") from None
+    if value < low:
+        raise ValueError(f"plan: {what} must be >= {low}, got {value}")
+    return value
 
 
 def _keep_top(scores: torch.Tensor, count: int) -> List[int]:
@@ -204,8 +220,13 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     if not isinstance(min_keep, int) or min_keep < 0:
         raise ValueError(f"min_keep: expected an integer >= 0, got {min_keep!r}")
 
+    if any(g.is_meta for g in found.values()):
+        raise ValueError("plan: the gates are on the meta device; a plan needs their values")
     names = list(found)
     scores = {n: found[n].detach().float().abs().flatten().cpu() for n in names}
+    bad = [n for n in names if not torch.isfinite(scores[n]).all()]
+    if bad:
+        raise ValueError(f"plan: gates {bad[:4]} hold NaN or infinite values; their order means nothing")
     sizes = {n: scores[n].numel() for n in names}
     head_dim = model.blocks[0].attn.head_dim
     rule = {"scope": scope, "round_to": round_to, "min_keep": min_keep}

@@ -50,6 +50,8 @@ def num_tokens(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]]
     """Sequence length the blocks see: patches plus class, distillation and register tokens."""
     h, w = _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
     ph, pw = _pair(model.patch_embed.patch_size)
+    if getattr(model.patch_embed, "dynamic_img_pad", False):  # the image is padded to whole patches
+        return -(-h // ph) * -(-w // pw) + model.num_prefix_tokens
     return (h // ph) * (w // pw) + model.num_prefix_tokens
 
 
@@ -89,6 +91,13 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     size = _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
     if min(size) <= 0:
         raise ValueError(f"img_size: expected positive sizes, got {img_size}")
+    embed = model.patch_embed
+    if getattr(embed, "strict_img_size", False) and size != _pair(embed.img_size):
+        raise ValueError(f"img_size: the model takes only {tuple(embed.img_size)} images (no dynamic_img_size), "
+                         f"got {size}")
+    patch = _pair(embed.patch_size)
+    if not getattr(embed, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
+        raise ValueError(f"img_size: {size} is not a multiple of the patch size {patch} (no dynamic_img_pad)")
     params = sum(p.numel() for p in model.parameters())
     total = [0]
 

@@ -51,29 +51,37 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
     with torch.no_grad():
         for i, block in enumerate(pruned.blocks):
             effective = _effective_gates(block, i, plan, fold)
+            before = set(block.modules())
             _prune_attention(block, effective)
             _prune_mlp(block, effective)
+            for m in block.modules():  # the modules pruning made take the block's mode
+                if m not in before:
+                    m.training = block.training
     pruned.vtp_plan = plan
     pruned.vtp_fold = fold
-    pruned.vtp_dense_config = architecture_config(model)
+    try:
+        pruned.vtp_dense_config = architecture_config(model)
+    except TypeError:
+        pruned.vtp_dense_config = None  # prunable, but not describable for vtp.save
     return pruned
 
 
 def _effective_gates(block: nn.Module, index: int, plan: PruningPlan, fold: bool):
-    """Per site: the kept indices, and the vector the pruned weights bake in
-    (the gate value, or 1 without folding, where kept; 0 where pruned)."""
+    """Per site: the kept indices (on the CPU: the structure is decided from them, also for
+    models on the meta device), and the vector the pruned weights bake in (the gate value,
+    or 1 without folding, where kept; 0 where pruned)."""
     out = {}
     for site in SITES:
         linear = site_linear(block, site)
         w = linear.weight
         if isinstance(linear, GatedLinear):
-            kept = torch.tensor(plan.kept[f"blocks.{index}.{site}"], dtype=torch.long, device=w.device)
+            kept = torch.tensor(plan.kept[f"blocks.{index}.{site}"], dtype=torch.long)
             values = linear.gate.detach().to(w.dtype) if fold else torch.ones(linear.in_features, dtype=w.dtype,
                                                                              device=w.device)
             effective = torch.zeros_like(values)
-            effective[kept] = values[kept]
+            effective[kept.to(w.device)] = values[kept.to(w.device)]
         else:
-            kept = torch.arange(linear.in_features, device=w.device)
+            kept = torch.arange(linear.in_features)
             effective = torch.ones(linear.in_features, dtype=w.dtype, device=w.device)
         out[site] = (kept, effective)
     return out
@@ -106,6 +114,8 @@ def _prune_attention(block: nn.Module, gates: dict) -> None:
 
     if kept_in.numel() < dim:
         block.norm1 = KeptLayerNorm.from_layer_norm(block.norm1, kept_in)
+    widths = torch.bincount(kept_out // head_dim, minlength=heads).tolist()
+    kept_in, kept_out = kept_in.to(qkv.weight.device), kept_out.to(qkv.weight.device)
     w_qkv = qkv.weight[:, kept_in] * g_in[kept_in]
     w_proj = proj.weight[:, kept_out] * g_out[kept_out]
     if kept_out.numel() == attn_dim:
@@ -113,13 +123,12 @@ def _prune_attention(block: nn.Module, gates: dict) -> None:
         attn.proj = _linear(w_proj, proj.bias)
         return
 
-    widths = torch.bincount(kept_out // head_dim, minlength=heads)
     live = [h for h in range(heads) if widths[h] > 0]
     qk_rows = [h * head_dim + j for h in live for j in range(head_dim)]
     rows = torch.tensor(qk_rows + [attn_dim + r for r in qk_rows], dtype=torch.long, device=kept_out.device)
     rows = torch.cat([rows, 2 * attn_dim + kept_out])  # Q and K of live heads, then the kept V rows
     new = PrunedAttention(
-        kept_in.numel(), proj.out_features, head_dim, [int(widths[h]) for h in live],
+        kept_in.numel(), proj.out_features, head_dim, [widths[h] for h in live],
         qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None,
         q_norm=attn.q_norm, k_norm=attn.k_norm, proj_drop=attn.proj_drop.p, scale=attn.scale,
         device=qkv.weight.device, dtype=qkv.weight.dtype,
@@ -146,6 +155,7 @@ def _prune_mlp(block: nn.Module, gates: dict) -> None:
 
     if kept_in.numel() < dim:
         block.norm2 = KeptLayerNorm.from_layer_norm(block.norm2, kept_in)
+    kept_in, kept_hidden = kept_in.to(fc1.weight.device), kept_hidden.to(fc1.weight.device)
     w1 = fc1.weight[kept_hidden][:, kept_in] * g_in[kept_in]
     mlp.fc1 = _linear(w1, fc1.bias[kept_hidden] if fc1.bias is not None else None)
     mlp.fc2 = _linear(fc2.weight[:, kept_hidden] * g_hidden[kept_hidden], fc2.bias)
