@@ -51,7 +51,6 @@ step, so a run cut short still leaves what it finished.
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import os

@@ -96,6 +96,15 @@ def _linear(weight: torch.Tensor, bias) -> nn.Linear:
     return layer
 
 
+def _make_constant(block: nn.Module, branch: str, norm: str, scale: str, out: torch.Tensor) -> None:
+    """Replace ``block.<branch>`` by its fixed output ``out``, with the layer scale baked in;
+    the norm in front of it and the scale become identities."""
+    value = getattr(block, scale)(out.view(1, 1, -1)).flatten()
+    setattr(block, branch, ConstantBranch(value))
+    setattr(block, norm, nn.Identity())
+    setattr(block, scale, nn.Identity())
+
+
 def _prune_attention(block: nn.Module, gates: dict) -> None:
     attn = block.attn
     qkv, proj = attn.qkv, attn.proj
@@ -107,9 +116,7 @@ def _prune_attention(block: nn.Module, gates: dict) -> None:
         # With no input dim left, Q, K and V are the qkv bias for every token: attention is
         # uniform and each head outputs its V bias. With no value dim left, proj sees zeros.
         v = qkv.bias[2 * attn_dim:] if qkv.bias is not None else qkv.weight.new_zeros(attn_dim)
-        out = F.linear(v * g_out, proj.weight, proj.bias)
-        block.attn = ConstantBranch(block.ls1(out.view(1, 1, -1)).flatten())
-        block.norm1, block.ls1 = nn.Identity(), nn.Identity()
+        _make_constant(block, "attn", "norm1", "ls1", F.linear(v * g_out, proj.weight, proj.bias))
         return
 
     if kept_in.numel() < dim:
@@ -148,9 +155,7 @@ def _prune_mlp(block: nn.Module, gates: dict) -> None:
     if kept_in.numel() == 0 or kept_hidden.numel() == 0:
         # fc1 sees zeros (or fc2 keeps no hidden feature): the output is fixed by the biases.
         hidden = mlp.act(F.linear(fc1.weight.new_zeros(dim) * g_in, fc1.weight, fc1.bias))
-        out = F.linear(hidden * g_hidden, fc2.weight, fc2.bias)
-        block.mlp = ConstantBranch(block.ls2(out.view(1, 1, -1)).flatten())
-        block.norm2, block.ls2 = nn.Identity(), nn.Identity()
+        _make_constant(block, "mlp", "norm2", "ls2", F.linear(hidden * g_hidden, fc2.weight, fc2.bias))
         return
 
     if kept_in.numel() < dim:
