@@ -134,7 +134,7 @@ def test_round_trip_keeps_options_that_are_plain_attributes(options, tmp_path):
 
 
 def test_pruned_model_saves_with_the_drop_path_it_is_fine_tuned_with(tmp_path):
-    from vtp.engine import set_drop_path
+    from vtp.app.models import set_drop_path
 
     small = _pruned("layer_scale")
     set_drop_path(small, 0.2)

@@ -19,11 +19,13 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from .modules import GatedLinear
 
-__all__ = ["SITES", "add_gates", "gates", "l1_penalty", "param_groups", "gate_values", "gate_stats",
-           "check_supported", "site_linear"]
+__all__ = ["SITES", "add_gates", "gates", "require_gates", "l1_penalty", "param_groups", "gate_values",
+           "gate_stats", "check_supported", "site_linear"]
 
 SITES: Tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 
@@ -59,9 +61,6 @@ def check_supported(model: nn.Module) -> None:
     class/register/distillation tokens, pooling, ``qkv_bias``, layer scale and ``qk_norm``.
     A model that ``vtp.prune`` already shrank is a ``ValueError``.
     """
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
     if getattr(model, "vtp_plan", None) is not None:
         raise ValueError("model: already pruned by vtp.prune; gates and plans apply to the dense model")
     if not isinstance(model, VisionTransformer):
@@ -120,7 +119,8 @@ def gates(model: nn.Module) -> Dict[str, nn.Parameter]:
     return found
 
 
-def _require_gates(model: nn.Module) -> Dict[str, nn.Parameter]:
+def require_gates(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """``gates(model)``, or a ``ValueError`` when the model has none."""
     found = gates(model)
     if not found:
         raise ValueError("model: has no VTP gates; call vtp.add_gates(model) first")
@@ -129,7 +129,7 @@ def _require_gates(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
     """``sum(|a|)`` over every gate of ``model``: VTP's sparsity penalty (loss = task + lambda * this)."""
-    found = _require_gates(model)
+    found = require_gates(model)
     return torch.stack([g.abs().sum(dtype=torch.float32) for g in found.values()]).sum()
 
 
@@ -166,7 +166,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05, lr_scale_gates: f
 
 def gate_values(model: nn.Module) -> torch.Tensor:
     """All gate values of ``model`` as one detached float32 CPU vector, in ``gates()`` order."""
-    found = _require_gates(model)
+    found = require_gates(model)
     return torch.cat([g.detach().float().flatten().cpu() for g in found.values()])
 
 
@@ -175,7 +175,7 @@ def gate_stats(model: nn.Module, thresholds: Sequence[float] = (1e-2, 1e-1)) -> 
 
     An ``"all"`` entry summarises every gate together. Useful to log during sparse training.
     """
-    found = _require_gates(model)
+    found = require_gates(model)
 
     def summary(values: torch.Tensor) -> dict:
         a = values.detach().float().abs().flatten().cpu()

@@ -1,6 +1,6 @@
 """Saving and loading VTP models: a JSON config plus safetensors weights, no pickle.
 
-A model directory holds
+This module alone knows the file format. A model directory holds
 
 * ``config.json``: the timm class and the arguments that rebuild the dense model,
   which sites are gated, the pruning plan (if pruned), the dtype, user metadata, and the
@@ -11,21 +11,31 @@ A model directory holds
 checksum and loads them strictly: a truncated or altered file is an error, never a
 silently different model. ``save`` writes into a temporary directory and renames it
 into place, so an interruption leaves either the old directory or the new one.
+``read_config`` reads what a directory holds without building the model.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
-import shutil
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn as nn
+from timm.layers import DropPath, LayerScale, PatchDropout
 
-__all__ = ["save", "load", "architecture_config", "build_model"]
+from .atomic import replace_directory, write_json
+from .gates import SITES, add_gates, gates
+from .plan import PruningPlan
+from .prune import prune
+
+__all__ = ["save", "load", "read_config", "is_model_dir", "SavedConfig", "architecture_config",
+           "build_model"]
 
 MODEL_FORMAT = "vtp-model"
 MODEL_VERSION = 1
@@ -39,6 +49,39 @@ ARCHITECTURES = {
 }
 
 
+@dataclass(frozen=True)
+class SavedConfig:
+    """What a ``vtp.save`` directory's config.json says, read without building the model."""
+
+    directory: Path
+    architecture: str
+    model_args: Dict[str, Any]
+    gated_sites: Tuple[str, ...]
+    plan: Optional[PruningPlan]
+    fold: bool
+    dtype: str
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model_args.get("num_classes", 0))
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        size = self.model_args.get("img_size")
+        return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.plan is not None
+
+    @property
+    def is_gated(self) -> bool:
+        """Gated and not pruned yet: what sparse training leaves."""
+        return bool(self.gated_sites) and self.plan is None
+
+
 def _class_path(model: nn.Module) -> str:
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -50,8 +93,6 @@ def architecture_config(model: nn.Module) -> dict:
     Read off a dense or gated timm ViT. Raises ``TypeError`` when the model uses an option
     these arguments cannot express (``save`` also checks the rebuilt model matches).
     """
-    from timm.layers import LayerScale
-
     path = _class_path(model)
     if path not in ARCHITECTURES:
         raise TypeError(f"model: cannot save a {type(model).__name__}; supported: {', '.join(ARCHITECTURES)}")
@@ -95,8 +136,6 @@ def architecture_config(model: nn.Module) -> dict:
 def _drop_rates(model: nn.Module) -> dict:
     """The dropout and stochastic-depth rates that pruning leaves in place (and that
     fine-tuning may change): head, position, patch dropout and drop path."""
-    from timm.layers import DropPath, PatchDropout
-
     last = model.blocks[-1]
     return dict(
         drop_rate=model.head_drop.p,
@@ -108,12 +147,6 @@ def _drop_rates(model: nn.Module) -> dict:
 
 def build_model(config: dict) -> nn.Module:
     """Rebuild a model (dense, gated or pruned) from a ``config.json`` dict, without weights."""
-    import importlib
-
-    from .gates import add_gates
-    from .plan import PruningPlan
-    from .prune import prune
-
     arch = config.get("architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"config: architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -140,22 +173,32 @@ def _sha256(path: Path) -> str:
 
 
 def _describe(model: nn.Module) -> dict:
-    from .gates import SITES, gates
-
     plan = getattr(model, "vtp_plan", None)
     if plan is not None:
-        if getattr(model, "vtp_dense_config", None) is None:
-            raise TypeError("model: pruned from a model whose architecture cannot be described for vtp.load; "
-                            "only timm ViTs built from standard options are supported")
-        base = dict(model.vtp_dense_config)
+        # The pruned model's own modules no longer say what the dense one was: describe the
+        # structure vtp.prune recorded, with the rates fine-tuning may have changed since.
+        try:
+            base = architecture_config(model.vtp_pruned_from.dense)
+        except TypeError as e:
+            raise TypeError(f"model: pruned from a model whose architecture cannot be described for "
+                            f"vtp.load ({e})") from None
         base["model_args"] = {**base["model_args"], **_drop_rates(model)}
         sites = sorted({n.split(".")[-1] for n in plan.kept}, key=SITES.index)
-        base.update(gated_sites=sites, plan=plan.to_dict(), fold=bool(getattr(model, "vtp_fold", True)))
+        base.update(gated_sites=sites, plan=plan.to_dict(), fold=model.vtp_pruned_from.fold)
     else:
         base = architecture_config(model)
         sites = sorted({n.split(".")[-1] for n in gates(model)}, key=SITES.index)
         base.update(gated_sites=sites, plan=None)
     return base
+
+
+def is_model_dir(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a directory written by ``vtp.save`` (its config.json says so)."""
+    try:
+        read_config(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optional[dict] = None) -> Path:
@@ -164,8 +207,6 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
     ``metadata`` is any JSON-serialisable dict stored alongside (e.g. accuracy, the command).
     An existing directory is replaced only if it is empty or holds a previous save.
     """
-    from safetensors.torch import save_file
-
     target = Path(directory)
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
         raise FileExistsError(f"directory: {target} exists and is not a vtp model directory; refusing to overwrite")
@@ -182,28 +223,13 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
     _check_rebuild(model, config, state)
     config["metadata"] = metadata or {}
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         weights = tmp / WEIGHTS_FILE
-        save_file(state, str(weights), metadata={"format": "pt"})
+        safetensors.torch.save_file(state, str(weights), metadata={"format": "pt"})
         config["weights"] = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        write_json(tmp / CONFIG_FILE, config)
+
+    return replace_directory(target, fill)
 
 
 def _check_rebuild(model: nn.Module, config: dict, state: dict) -> None:
@@ -241,12 +267,7 @@ def _plain_attributes(model: nn.Module) -> dict:
     return out
 
 
-def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Load a model saved by ``vtp.save``; returned in eval mode on ``map_location``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(directory)
+def _read_config_file(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"directory: {path} has no {CONFIG_FILE}; not a directory written by vtp.save")
@@ -258,6 +279,35 @@ def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.devi
         raise ValueError(f"{config_path}: not a vtp model config (format != {MODEL_FORMAT!r})")
     if config.get("version") != MODEL_VERSION:
         raise ValueError(f"{config_path}: unsupported version {config.get('version')!r}")
+    return config
+
+
+def read_config(directory: Union[str, os.PathLike]) -> SavedConfig:
+    """What the ``vtp.save`` directory holds (architecture, gates, plan, metadata), without
+    building the model or reading the weights. ``FileNotFoundError`` when there is no
+    config.json, ``ValueError`` when it is not one of vtp's or is malformed."""
+    path = Path(directory)
+    config = _read_config_file(path)
+    config_path = path / CONFIG_FILE
+    try:
+        plan = PruningPlan.from_dict(config["plan"]) if config.get("plan") is not None else None
+        model_args, metadata = config["model_args"], config.get("metadata") or {}
+        if not isinstance(model_args, dict) or not isinstance(metadata, dict):
+            raise TypeError("model_args and metadata must be objects")
+        return SavedConfig(
+            directory=path, architecture=str(config.get("architecture")), model_args=dict(model_args),
+            gated_sites=tuple(config.get("gated_sites") or ()), plan=plan,
+            fold=bool(config.get("fold", True)), dtype=str(config.get("dtype", "float32")),
+            metadata=dict(metadata), raw=config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: malformed ({e})") from None
+
+
+def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Load a model saved by ``vtp.save``; returned in eval mode on ``map_location``."""
+    path = Path(directory)
+    config = _read_config_file(path)
+    config_path = path / CONFIG_FILE
     try:
         info = config["weights"]
         weights = path / info["file"]
@@ -276,8 +326,8 @@ def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.devi
     except (KeyError, TypeError) as e:
         raise ValueError(f"{config_path}: cannot rebuild the model ({e})") from None
     try:
-        state = load_file(str(weights), device=str(map_location))
-    except SafetensorError as e:
+        state = safetensors.torch.load_file(str(weights), device=str(map_location))
+    except safetensors.SafetensorError as e:
         raise ValueError(f"{weights}: not a valid safetensors file ({e})") from None
     try:
         model.load_state_dict(state, strict=True)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import math
 import operator
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from .gates import SITES, _require_gates, check_supported
+from .atomic import write_text
+from .gates import SITES, check_supported, require_gates
 from .profile import block_macs, num_tokens, profile
 
 __all__ = ["PruningPlan", "plan"]
@@ -118,12 +118,7 @@ class PruningPlan:
 
     def save(self, path: str) -> None:
         """Write the plan as JSON, atomically."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text(path, self.to_json(indent=1))
 
     @classmethod
     def load(cls, path: str) -> "PruningPlan":
@@ -132,7 +127,7 @@ class PruningPlan:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` unless ``model``'s gates are exactly the ones this plan was made for."""
-        found = {name: g.numel() for name, g in _require_gates(model).items()}
+        found = {name: g.numel() for name, g in require_gates(model).items()}
         if found != self.sizes:
             missing = sorted(set(self.sizes) - set(found))
             extra = sorted(set(found) - set(self.sizes))
@@ -203,7 +198,7 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     attention kernels and the output projection see.
     ``img_size`` sets the token count used for ``flops_target`` (default: the model's).
     """
-    found = _require_gates(model)
+    found = require_gates(model)
     check_supported(model)
     if (ratio is None) == (flops_target is None):
         raise ValueError("plan: give exactly one of ratio= or flops_target=")

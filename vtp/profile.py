@@ -17,6 +17,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import Attention
+
+from .modules import PrunedAttention
 
 __all__ = ["Profile", "profile", "block_macs", "num_tokens"]
 
@@ -82,10 +85,6 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     Gates count as parameters (they are trained); the pruned model has none.
     ``img_size`` defaults to the size the model was built for.
     """
-    from timm.models.vision_transformer import Attention
-
-    from .modules import PrunedAttention
-
     if not hasattr(model, "patch_embed"):
         raise TypeError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
     size = _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)

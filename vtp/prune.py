@@ -18,16 +18,41 @@ model computes with the pruned gates set to 0.
 from __future__ import annotations
 
 import copy
+import itertools
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .gates import SITES, check_supported, site_linear
-from .io import architecture_config
 from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, PrunedAttention
 from .plan import PruningPlan
 
-__all__ = ["prune"]
+__all__ = ["prune", "PrunedFrom"]
+
+
+@dataclass(frozen=True)
+class PrunedFrom:
+    """What ``vtp.prune`` made a model from, kept as ``model.vtp_pruned_from``.
+
+    ``dense`` is the gated input model's structure on the meta device (no weights, no
+    memory): the pruned modules no longer say what the dense ones were, and ``vtp.save``
+    needs that to describe how to rebuild the model. ``fold`` says whether the kept gate
+    values were multiplied into the weights.
+    """
+
+    dense: nn.Module
+    fold: bool
+
+
+def _structure_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
@@ -58,11 +83,7 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
                 if m not in before:
                     m.training = block.training
     pruned.vtp_plan = plan
-    pruned.vtp_fold = fold
-    try:
-        pruned.vtp_dense_config = architecture_config(model)
-    except TypeError:
-        pruned.vtp_dense_config = None  # prunable, but not describable for vtp.save
+    pruned.vtp_pruned_from = PrunedFrom(dense=_structure_copy(model), fold=fold)
     return pruned
 
 
