@@ -25,5 +25,5 @@ setup(
         "demo": ["mlxtend"],
         "test": ["pytest", "mlxtend"],
     },
-    entry_points={"console_scripts": ["vtp=vtp.cli:main"]},
+    entry_points={"console_scripts": ["vtp=vtp.app.cli:main"]},
 )

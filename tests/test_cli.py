@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import vtp
-from vtp import cli
+from vtp.app import cli
 
 from cli_helpers import FAST, TINY_MODEL, flags
 from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
@@ -121,7 +121,7 @@ def test_sparse_train_synthetic_then_finetune(tmp_path):
 
 def test_demo_command_calls_vtp_demo(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(vtp.demo, "run", lambda args: seen.setdefault("args", args))
+    monkeypatch.setattr(cli.demo, "run", lambda args: seen.setdefault("args", args))
     assert cli.main(["demo", "--sparse-epochs", "1"]) == 0
     assert isinstance(seen["args"], argparse.Namespace) and seen["args"].sparse_epochs == 1
     # like every command, demo takes --config
@@ -272,7 +272,7 @@ def test_class_indices_follow_the_model(capsys, tmp_path, full_run, data_dir, mo
     know (or one the training split lacks) is an error, not silently dropped images."""
     import shutil
 
-    from vtp import engine
+    from vtp.app import train
 
     subset = tmp_path / "subset"
     shutil.copytree(data_dir, subset)
@@ -284,7 +284,7 @@ def test_class_indices_follow_the_model(capsys, tmp_path, full_run, data_dir, mo
         seen["train"], seen["val"] = train_ds, val_ds
         return {"stopped": True}
 
-    monkeypatch.setattr(engine, "fit", fake_fit)
+    monkeypatch.setattr(train, "fit", fake_fit)
     assert cli.main(flags(["finetune", str(full_run), "--data", str(subset), "-b", "8",
                            "-o", str(tmp_path / "f")], FAST)) == 0
     for ds in (seen["train"], seen["val"]):
@@ -312,7 +312,7 @@ def test_run_reads_only_what_rank_0_finished_writing(tmp_path, monkeypatch):
     checkpoint's normalisation also reaches the dense evaluation."""
     import timm
 
-    from vtp import engine
+    from vtp.app import distributed, models
 
     dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
                               patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -326,9 +326,9 @@ def test_run_reads_only_what_rank_0_finished_writing(tmp_path, monkeypatch):
         return call
 
     monkeypatch.setattr(vtp, "save", spy("write", vtp.save, 1))
-    monkeypatch.setattr(engine, "load_vtp_model", spy("read", engine.load_vtp_model, 0))
-    monkeypatch.setattr(engine, "barrier", spy("sync", engine.barrier))
-    monkeypatch.setattr(engine, "broadcast_object", spy("sync", engine.broadcast_object))
+    monkeypatch.setattr(models, "load_vtp_model", spy("read", models.load_vtp_model, 0))
+    monkeypatch.setattr(distributed, "barrier", spy("sync", distributed.barrier))
+    monkeypatch.setattr(distributed, "broadcast_object", spy("sync", distributed.broadcast_object))
     out = tmp_path / "run"
     assert cli.main(flags(["run", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size",
                            "4", "--num-classes", "3", "--checkpoint", str(tmp_path / "dense"),
@@ -349,7 +349,7 @@ def test_run_reads_only_what_rank_0_finished_writing(tmp_path, monkeypatch):
 
 
 def test_report_plots_the_task_loss(full_run):
-    from vtp import report
+    from vtp.app import report
 
     rows = report.collect(str(full_run))["metrics"]
     sparse = [r for r in rows["sparse-train"] if r["kind"] == "epoch"][-1]

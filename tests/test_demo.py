@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtp
-from vtp import demo
+from vtp.app import demo
 
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
 
 
 def test_demo_data_is_real_mnist():
-    from vtp.data import load_mnist_5k
+    from vtp.app.mnist import load_mnist_5k
     images, labels = load_mnist_5k()
     assert images.shape == (5000, 1, 28, 28) and labels.shape == (5000,)
     assert torch.bincount(labels, minlength=10).min() >= 400  # every digit, roughly balanced

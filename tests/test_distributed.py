@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 import vtp
-from vtp import cli
+from vtp.app import cli
 
 from cli_helpers import FAST, REPO, TINY_MODEL, assert_same_tensors, flags, make_image_folder, \
     state_dict_of, subprocess_env
@@ -40,7 +40,7 @@ def test_two_processes_match_one(tmp_path):
     assert cli.main(common + ["-b", "8", "--output", str(tmp_path / "one")]) == 0
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vtp.cli"] + common + ["-b", "4", "--output", str(tmp_path / "two")]
+           "-m", "vtp.app"] + common + ["-b", "4", "--output", str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,7 +79,7 @@ def test_two_processes_run_the_whole_pipeline(tmp_path):
     plan = _plan_with_every_pruned_form(tmp_path / "plan.json")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vtp.cli"] + flags(
+           "-m", "vtp.app"] + flags(
         ["run", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size", "5",
          "--num-classes", "3", "-b", "2", "--accum-steps", "2", "--sparse-epochs", "1",
          "--finetune-epochs", "1", "--bench-steps", "0", "--save-every", "0", "--plan", str(plan),

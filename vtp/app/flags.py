@@ -17,17 +17,17 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
 
+from vtp.atomic import atomic_write
+
+from .errors import VTPError
+
 __all__ = [
-    "VTPError", "SPARSE_DEFAULTS", "FINETUNE_DEFAULTS", "HelpFormatter",
+    "SPARSE_DEFAULTS", "FINETUNE_DEFAULTS", "HelpFormatter",
     "add_data_args", "add_model_args", "add_train_args", "add_prune_args", "add_eval_args",
     "add_system_args", "add_output_args", "add_config_arg", "apply_yaml_config",
     "load_yaml_config", "resolved_config", "write_config", "model_kwargs_from_args",
     "positive_int",
 ]
-
-
-class VTPError(Exception):
-    """A problem the user can fix (bad input, missing file, diverged run): one clean message."""
 
 
 # The VTP paper trains with the sparsity penalty from a trained DeiT for 100 epochs with
@@ -418,10 +418,11 @@ def resolved_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 
 def write_config(path: str, config: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    os.replace(tmp, path)
+    """The resolved settings as YAML, atomically; ``--config`` reads the file back."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+    atomic_write(path, write)
 
 
 def first_positional(argv: Sequence[str]) -> Optional[str]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from timm.data import Mixup, create_dataset, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from .config import VTPError
+from .errors import VTPError
 
 __all__ = [
     "DataSpec", "SyntheticImages", "build_datasets", "train_loader", "eval_loader",

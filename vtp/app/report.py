@@ -14,10 +14,16 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["write_report", "collect", "format_table", "plot_kept", "plot_gate_hist", "plot_curves",
-           "read_metrics"]
+import numpy as np
 
-SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
+from vtp import SITES
+from vtp.atomic import write_text
+
+from .metrics import read_metrics
+from .tables import format_table
+
+__all__ = ["write_report", "collect", "results_table", "plot_kept", "plot_gate_hist", "plot_curves"]
+
 STAGES = ("sparse-train", "finetune")
 
 
@@ -35,19 +41,6 @@ def _first(run: str, *relative: str) -> Optional[str]:
         if os.path.exists(path):
             return path
     return None
-
-
-def read_metrics(path: Optional[str]) -> List[Dict[str, Any]]:
-    """The rows of a metrics.jsonl file; a line cut short by an interruption is skipped."""
-    rows: List[Dict[str, Any]] = []
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-    return rows
 
 
 def collect(run: str) -> Dict[str, Any]:
@@ -108,11 +101,10 @@ def table_rows(info: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def format_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """A Markdown table, readable as plain text too; ratios are against the first row."""
-    head = "| model | top-1 % | top-5 % | params (M) | MACs (G) | images/s |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+def results_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The dense vs pruned table; ratios are against the first row."""
     base = rows[0] if rows else {}
+    cells = []
     for r in rows:
         def rel(key: str) -> str:
             if r is base or not base.get(key) or not r.get(key):
@@ -121,12 +113,13 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
         params = _fmt(r["params"] / 1e6 if r.get("params") else None, ".3f") + rel("params")
         macs = _fmt(r["macs"] / 1e9 if r.get("macs") else None, ".4f") + rel("macs")
         ips = _fmt(r.get("ips"), ".1f") + rel("ips")
-        lines.append(f"| {r['model']} | {_fmt(r.get('acc1'), '.2f')} | {_fmt(r.get('acc5'), '.2f')} "
-                     f"| {params} | {macs} | {ips} |")
-    return "\n".join(lines)
+        cells.append([r["model"], _fmt(r.get("acc1"), ".2f"), _fmt(r.get("acc5"), ".2f"), params, macs, ips])
+    return format_table(["model", "top-1 %", "top-5 %", "params (M)", "MACs (G)", "images/s"], cells, pad=False)
 
 
 def _pyplot():
+    # Imported on first use: matplotlib costs a second at start-up, which every `vtp`
+    # command would pay otherwise.
     import matplotlib
     matplotlib.use("Agg")  # files only; works without a display
     import matplotlib.pyplot as plt
@@ -143,8 +136,6 @@ def _kept_grid(plan: Dict[str, Any]):
 
 def plot_kept(plan: Dict[str, Any], path: str) -> None:
     """Heatmap of kept share (annotated kept/size) and grouped bars of kept counts."""
-    import numpy as np
-
     plt = _pyplot()
     blocks, kept, sizes = _kept_grid(plan)
     share = np.array([[k / s if (k is not None and s) else np.nan for k, s in zip(kr, sr)]
@@ -182,8 +173,6 @@ def plot_kept(plan: Dict[str, Any], path: str) -> None:
 
 def plot_gate_hist(gates: Dict[str, List[float]], plan: Optional[Dict[str, Any]], path: str) -> None:
     """Histogram of |gate| per site on a log axis; the line marks the smallest kept value."""
-    import numpy as np
-
     plt = _pyplot()
     values = {s: np.abs(np.concatenate([np.asarray(v, dtype=np.float64) for n, v in gates.items()
                                         if n.endswith("." + s)] or [np.zeros(0)])) for s in SITES}
@@ -271,7 +260,7 @@ def write_report(run: str, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     lines = [f"# VTP report: {os.path.abspath(run)}", ""]
     rows = table_rows(info)
-    lines.append(format_table(rows) if rows else "(no evaluation results yet)")
+    lines.append(results_table(rows) if rows else "(no evaluation results yet)")
     if info["dense"] and info["dense"].get("images_per_s"):
         d = info["dense"]
         lines.append(f"\nimages/s: inference, batch {d.get('bench_batch_size')} on {d.get('device')}"
@@ -294,7 +283,6 @@ def write_report(run: str, out_dir: str) -> str:
     lines.append("")
     lines += [f"![{title}]({name})" for title, name in pictures]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text(os.path.join(out_dir, "report.md"), text)
     files = ", ".join(name for _, name in pictures)
     return text.split("\n![")[0].rstrip() + (f"\n\nwrote {out_dir}/report.md" + (f", {files}" if files else ""))

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vtp import cli, engine
-from vtp.config import VTPError
+from vtp.app import checkpoint, cli, metrics, models, train
+from vtp.app import random as vtp_random
+from vtp.app.errors import VTPError
 
 from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, flags, state_dict_of
 from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
@@ -68,7 +69,7 @@ def test_resume_reaches_the_same_weights(tmp_path, data_dir):
         assert _epoch_losses(run) == _epoch_losses(ref)
         # the speed of an epoch counts its steps before the interruption too
         assert all(r["images_per_s"] > 0 and r["epoch_time_s"] > 0
-                   for r in engine.read_metrics(str(run / "metrics.jsonl")) if r["kind"] == "epoch")
+                   for r in metrics.read_metrics(str(run / "metrics.jsonl")) if r["kind"] == "epoch")
     ckpt = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 8
     assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= ckpt.keys()
@@ -99,17 +100,17 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, data_dir):
 
 
 def test_lr_is_scaled_by_the_global_batch():
-    cfg = engine.TrainConfig(stage="finetune", epochs=1, batch_size=64, lr=5e-4, accum_steps=2)
+    cfg = train.TrainConfig(stage="finetune", epochs=1, batch_size=64, lr=5e-4, accum_steps=2)
     assert cfg.global_batch(8) == 1024
     assert cfg.scaled_lr(8) == pytest.approx(1e-3)
 
 
 def test_scheduler_warms_up_then_decays_to_min_lr():
     model = torch.nn.Linear(2, 2)
-    cfg = engine.TrainConfig(stage="finetune", epochs=10, batch_size=1, lr=1.0, lr_base_batch=1,
+    cfg = train.TrainConfig(stage="finetune", epochs=10, batch_size=1, lr=1.0, lr_base_batch=1,
                              warmup_epochs=1, warmup_lr=0.0, min_lr=0.01)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    sched = engine.create_scheduler(opt, cfg, total_steps=100, steps_per_epoch=10)
+    sched = train.create_scheduler(opt, cfg, total_steps=100, steps_per_epoch=10)
     lrs = []
     for step in range(101):
         sched.step_update(step)
@@ -125,10 +126,10 @@ def test_gates_get_no_weight_decay_and_their_own_lr_scale():
     model = vtp.add_gates(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4,
                                             img_size=32, patch_size=8, embed_dim=32, depth=1,
                                             num_heads=2))
-    cfg = engine.TrainConfig(stage="sparse-train", epochs=1, batch_size=8, lr=1e-3, lr_base_batch=8,
+    cfg = train.TrainConfig(stage="sparse-train", epochs=1, batch_size=8, lr=1e-3, lr_base_batch=8,
                              gate_lr_scale=10.0, weight_decay=0.05)
-    opt = engine.create_optimizer(model, cfg, cfg.scaled_lr(1))
-    engine.create_scheduler(opt, cfg, total_steps=10, steps_per_epoch=10).step_update(0)
+    opt = train.create_optimizer(model, cfg, cfg.scaled_lr(1))
+    train.create_scheduler(opt, cfg, total_steps=10, steps_per_epoch=10).step_update(0)
     gate_ids = {id(g) for g in vtp.gates(model).values()}
     for group in opt.param_groups:
         is_gate = {id(p) in gate_ids for p in group["params"]}
@@ -140,12 +141,12 @@ def test_gates_get_no_weight_decay_and_their_own_lr_scale():
 
 
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    engine.seed_everything(3)
-    state = engine.capture_rng(torch.device("cpu"))
-    engine.save_checkpoint(str(tmp_path / "c.pt"), {"rng": [state]})
+    vtp_random.seed_everything(3)
+    state = vtp_random.capture_rng(torch.device("cpu"))
+    checkpoint.save_checkpoint(str(tmp_path / "c.pt"), {"rng": [state]})
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    engine.seed_everything(99)
-    engine.restore_rng(engine.load_checkpoint(str(tmp_path / "c.pt"))["rng"][0], torch.device("cpu"))
+    vtp_random.seed_everything(99)
+    vtp_random.restore_rng(checkpoint.load_checkpoint(str(tmp_path / "c.pt"))["rng"][0], torch.device("cpu"))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
     assert os.listdir(tmp_path) == ["c.pt"]
 
@@ -153,22 +154,22 @@ def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_read_state_dict_unwraps_timm_and_ddp_checkpoints(tmp_path):
     weights = {"a.weight": torch.ones(2, 2), "b.bias": torch.zeros(2)}
     torch.save({"model": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3}, tmp_path / "x.pth")
-    assert engine.read_state_dict(str(tmp_path / "x.pth")).keys() == weights.keys()
+    assert models.read_state_dict(str(tmp_path / "x.pth")).keys() == weights.keys()
     from safetensors.torch import save_file
     save_file(weights, str(tmp_path / "x.safetensors"))
-    assert engine.read_state_dict(str(tmp_path / "x.safetensors")).keys() == weights.keys()
+    assert models.read_state_dict(str(tmp_path / "x.safetensors")).keys() == weights.keys()
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(VTPError, match="cannot read checkpoint"):
-        engine.read_state_dict(str(tmp_path / "bad.pth"))
+        models.read_state_dict(str(tmp_path / "bad.pth"))
 
 
 def test_metrics_past_the_checkpoint_are_dropped(tmp_path):
-    log = engine.MetricsLogger(str(tmp_path / "m.jsonl"))
+    log = metrics.MetricsLogger(str(tmp_path / "m.jsonl"))
     for step in range(1, 7):
         log.log({"kind": "train", "step": step})
     log.log({"kind": "epoch", "epoch": 0, "step": 4})
     with open(tmp_path / "m.jsonl", "a") as f:
         f.write('{"kind": "tra')  # cut short by the crash
     log.truncate_after(global_step=3, epoch=0)
-    rows = engine.read_metrics(str(tmp_path / "m.jsonl"))
+    rows = metrics.read_metrics(str(tmp_path / "m.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3]

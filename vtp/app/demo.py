@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
-import statistics
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from vtp import add_gates, gates, l1_penalty, param_groups, plan, profile, prune, save
+from vtp.atomic import write_json
+
+from .data import eval_loader
+from .distributed import DistInfo
+from .evaluate import evaluate, measure_throughput
+from .mnist import load_mnist_5k, train_test_split
+from .report import plot_gate_hist, plot_kept
+from .tables import format_table
+from .train import TrainConfig, train_step
 
 __all__ = ["add_arguments", "run", "build_demo_model"]
+
+CPU = DistInfo()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -43,95 +55,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_demo_model(num_classes: int = 10) -> nn.Module:
     """A small timm ViT for 28x28 digits: 7x7 patches (16 tokens + class token), 4 blocks of width 64."""
-    from timm.models.vision_transformer import VisionTransformer
-
     return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=num_classes, embed_dim=64,
                              depth=4, num_heads=4, mlp_ratio=4.0)
 
 
-def train(model: nn.Module, data, epochs: int, optimizer: torch.optim.Optimizer, *, lam: float = 0.0,
-          batch_size: int, seed: int, desc: str, progress: bool = True) -> Dict[str, float]:
-    """Cosine-decayed epochs over ``data``; adds ``lam * l1_penalty`` when ``lam > 0``."""
-    from tqdm.auto import tqdm
-
-    from .gates import l1_penalty
-
+def _shuffled_batches(data, epochs: int, batch_size: int,
+                     generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The in-memory digits in a fresh random order every epoch, batch after batch."""
     images, labels = data
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = min(steps_per_epoch, total // 5)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    step, loss_sum, correct, seen = 0, 0.0, 0, 0
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=True)
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), batch_size):
             idx = order[start: start + batch_size]
-            x, y = images[idx], labels[idx]
-            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+            yield images[idx], labels[idx]
+
+
+def train(model: nn.Module, data, epochs: int, optimizer: torch.optim.Optimizer, *, lam: float = 0.0,
+          batch_size: int, seed: int, desc: str, progress: bool = True) -> None:
+    """Epochs over ``data`` with linear warm-up then cosine decay of every group's lr, through
+    the command's ``train_step``; adds ``lam * l1_penalty`` when ``lam > 0``."""
+    steps_per_epoch = math.ceil(len(data[1]) / batch_size)
+    total = epochs * steps_per_epoch
+    warmup = min(steps_per_epoch, total // 5)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    cfg = TrainConfig(stage=desc, epochs=epochs, batch_size=batch_size, lr=base_lrs[0], lam=lam)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    criterion = nn.CrossEntropyLoss()
+    batches = _shuffled_batches(data, epochs, batch_size, torch.Generator().manual_seed(seed))
+    model.train()
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=True) as bar:
+        for step in range(total):
+            scale = (step + 1) / warmup if step < warmup else \
+                0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
             for group, lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = lr * scale
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            penalty = l1_penalty(model) if lam > 0 else None
-            total_loss = loss + lam * penalty if penalty is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
+            task, penalty, finite = train_step(model, model, batches, cfg, CPU, criterion,
+                                               l1_penalty if lam > 0 else None, scaler)
+            if not finite:
+                raise ValueError(f"{desc}: the loss is not finite at step {step + 1}; lower --lr")
             optimizer.step()
-            step += 1
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(-1) == y).sum().item()
-            seen += len(y)
-            postfix = {"loss": f"{loss.item():.3f}"}
-            if penalty is not None:
-                postfix["L1"] = f"{penalty.item():.0f}"
+            postfix = {"loss": f"{task:.3f}"}
+            if lam > 0:
+                postfix["L1"] = f"{penalty:.0f}"
             bar.set_postfix(postfix)
             bar.update()
-    bar.close()
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 500) -> float:
-    images, labels = data
-    model.eval()
-    correct = sum((model(images[i: i + batch_size]).argmax(-1) == labels[i: i + batch_size]).sum().item()
-                  for i in range(0, len(labels), batch_size))
-    return correct / len(labels)
-
-
-@torch.no_grad()
-def throughput(models: Dict[str, nn.Module], batch_size: int = 256, repeats: int = 15,
-               img_size: int = 28) -> Dict[str, dict]:
-    """CPU images/s of each model in eval mode, on the same random batch.
-
-    The models take turns, batch after batch, so that a slow moment of the machine hits
-    them alike; each figure is the median over ``repeats`` timed batches after warm-up.
-    """
-    x = torch.randn(batch_size, 1, img_size, img_size)
-    for model in models.values():
-        model.eval()
-        for _ in range(3):
-            model(x)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: {"images_per_s": batch_size / statistics.median(t), "batch_size": batch_size, "seconds": t}
-            for name, t in times.items()}
-
-
-def _table(rows, headers) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = "+".join("-" * (w + 2) for w in widths)
-    out = [" | ".join(c.rjust(w) for c, w in zip(cells[0], widths)), line]
-    out += [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells[1:]]
-    return "\n".join(out)
+def accuracy(model: nn.Module, data, batch_size: int = 500) -> float:
+    """Share of ``data`` classified right, through the command's ``evaluate``."""
+    loader = eval_loader(TensorDataset(*data), batch_size=batch_size, rank=0, world_size=1,
+                         workers=0, pin_memory=False)
+    result = evaluate(model, loader, CPU)
+    correct = round(result["val_acc1"] * result["val_images"] / 100)  # an integer count, exactly
+    return correct / result["val_images"]
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -156,10 +133,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the results dict also written to ``<out>/results.json``."""
-    from . import add_gates, gates, param_groups, plan, profile, prune, save
-    from .data import load_mnist_5k, train_test_split
-    from .report import plot_gate_hist, plot_kept
-
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=args.lr)
     train(model, train_data, args.dense_epochs, opt, batch_size=args.batch_size, seed=args.seed + 1,
           desc="1/3 dense training", progress=progress)
-    dense_acc = evaluate(model, test_data)
+    dense_acc = accuracy(model, test_data)
     dense_profile = profile(model)
     save(model, out / "dense", metadata={"test_acc": dense_acc})
     dense = copy.deepcopy(model)
@@ -190,20 +163,21 @@ def run(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(groups, lr=args.lr / 4)
     train(model, train_data, args.sparse_epochs, opt, lam=args.lam, batch_size=args.batch_size,
           seed=args.seed + 2, desc="2/3 sparse training", progress=progress)
-    sparse_acc = evaluate(model, test_data)
+    sparse_acc = accuracy(model, test_data)
 
     # 3. prune at one global threshold, then fine-tune the smaller model
     pruning_plan = plan(model, ratio=args.ratio, round_to=args.round_to)
     pruning_plan.save(str(out / "plan.json"))
     gate_snapshot = {name: g.detach().float().tolist() for name, g in gates(model).items()}
     small = prune(model, pruning_plan)
-    pruned_acc_before = evaluate(small, test_data)
+    pruned_acc_before = accuracy(small, test_data)
     opt = torch.optim.AdamW(param_groups(small, weight_decay=0.05), lr=args.lr / 4)
     train(small, train_data, args.finetune_epochs, opt, batch_size=args.batch_size, seed=args.seed + 3,
           desc="3/3 fine-tuning", progress=progress)
-    pruned_acc = evaluate(small, test_data)
+    pruned_acc = accuracy(small, test_data)
     pruned_profile = profile(small)
-    speed = throughput({"dense": dense, "pruned": small})
+    speed = measure_throughput({"dense": dense, "pruned": small}, img_size=(28, 28), batch_size=256,
+                               repeats=15, device=torch.device("cpu"), in_chans=1)
     dense_speed, pruned_speed = speed["dense"], speed["pruned"]
     save(small, out / "pruned", metadata={"test_acc": pruned_acc, "plan_rule": pruning_plan.rule})
 
@@ -218,9 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": time.perf_counter() - t_start,
     }
     results["args"].pop("func")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", results)
     plot_kept(pruning_plan.to_dict(), str(out / "kept_dims.png"))
     plot_gate_hist(gate_snapshot, pruning_plan.to_dict(), str(out / "gate_hist.png"))
 
@@ -232,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
                                   ("pruned", pruned_acc, pruned_profile, pruned_speed)):
         rows.append([name, f"{100 * acc:.2f}", f"{prof.params / 1e6:.3f}", f"{prof.macs / 1e6:.2f}",
                      f"{rate['images_per_s']:.0f}"])
-    print(_table(rows, ["model", "top-1 %", "params (M)", "MACs (M)", "CPU images/s"]))
+    print(format_table(["model", "top-1 %", "params (M)", "MACs (M)", "CPU images/s"], rows))
     print(f"\nbefore fine-tuning the pruned model scored {100 * pruned_acc_before:.2f} %; "
           f"MACs x{dense_profile.macs / pruned_profile.macs:.2f} fewer, "
           f"CPU speed-up x{pruned_speed['images_per_s'] / dense_speed['images_per_s']:.2f} "

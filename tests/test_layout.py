@@ -1,0 +1,24 @@
+"""The package's layout rules, checked on the source: the library never imports the
+application, there is no import cycle, and no function hides an import of the project."""
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "import_graph.py"
+
+
+def _import_graph_module():
+    spec = importlib.util.spec_from_file_location("import_graph", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_library_app_split_has_no_cycles_and_no_hidden_imports():
+    assert _import_graph_module().violations() == []
+
+
+def test_the_checks_catch_what_they_look_for():
+    tool = _import_graph_module()
+    graph = {"vtp.a": {"vtp.b"}, "vtp.b": {"vtp.a"}, "vtp.c": set()}
+    assert tool.cycles(graph) == [["vtp.a", "vtp.b", "vtp.a"]]
+    assert tool.cycles({"vtp": {"vtp.a"}, "vtp.a": set()}) == []

@@ -1,0 +1,118 @@
+"""timm models and the files their weights come from: built by name (never downloaded),
+loaded from a timm checkpoint or a ``vtp.save`` directory, with clear errors when they do
+not fit."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models import load_state_dict as timm_load_state_dict
+
+import vtp
+from vtp.io import read_config
+
+from .errors import VTPError
+
+__all__ = ["create_dense_model", "read_state_dict", "load_weights", "load_state", "load_vtp_model",
+           "set_drop_path"]
+
+
+def create_dense_model(name: str, num_classes: int, model_kwargs: Dict[str, Any],
+                       drop_path: float = 0.0) -> nn.Module:
+    """A timm model with random weights; never downloads anything."""
+    if not timm.is_model(name):
+        raise VTPError(f"unknown timm model '{name}' (see timm.list_models())")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 drop_path_rate=drop_path, **model_kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise VTPError(f"cannot build {name} with {model_kwargs}: {e}") from None
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a timm/DeiT .pth/.pt or a .safetensors file, through timm's reader
+    (which unwraps 'state_dict' / 'model' entries and DDP or torch.compile prefixes); the
+    weights themselves, not an EMA copy stored beside them."""
+    if not os.path.isfile(path):
+        raise VTPError(f"checkpoint not found: {path}")
+    try:
+        state = timm_load_state_dict(path, use_ema=False, device="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, foreign formats
+        raise VTPError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VTPError(f"checkpoint {path} holds no state dict of tensors")
+    return state
+
+
+def _classifier_keys(model: nn.Module) -> List[str]:
+    names = []
+    head = getattr(model, "default_cfg", {}).get("classifier", "head")
+    for h in (head,) if isinstance(head, str) else tuple(head):
+        names += [f"{h}.weight", f"{h}.bias"]
+    return names
+
+
+def load_weights(model: nn.Module, path: str, reset_head: bool = False) -> None:
+    """Loads a timm checkpoint file into `model`; see load_state."""
+    load_state(model, read_state_dict(path), path, reset_head)
+
+
+def _listing(title: str, items: List[str], sep: str = ", ", limit: int = 8) -> str:
+    more = " ..." if len(items) > limit else ""
+    return f"  {title} ({len(items)}): {sep.join(items[:limit])}{more}"
+
+
+def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
+               reset_head: bool = False) -> None:
+    """Loads `state` into `model`, or stops with the missing, unexpected and mis-shaped keys
+    when it does not fit, before any training starts."""
+    state = dict(state)
+    own = model.state_dict()
+    if reset_head:
+        for key in _classifier_keys(model):
+            if key in state and key in own and state[key].shape != own[key].shape:
+                state[key] = own[key]  # keep the freshly initialised classifier
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {source} does not fit the model:"]
+        if missing:
+            lines.append(_listing("missing keys", missing))
+        if unexpected:
+            lines.append(_listing("unexpected keys", unexpected))
+        if shapes:
+            lines.append(_listing("shape mismatches", shapes, sep="; ", limit=6))
+        head = set(_classifier_keys(model))
+        if shapes and not reset_head and all(s.split(":")[0] in head for s in shapes):
+            lines.append("  (only the classifier differs: pass --reset-head to start it afresh)")
+        raise VTPError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def load_vtp_model(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(model, metadata) from a vtp.save directory."""
+    try:
+        model = vtp.load(path)
+        metadata = read_config(path).metadata
+    except Exception as e:  # any failure to rebuild the model is a bad input here
+        raise VTPError(f"cannot load a vtp model from {path}: {e}") from None
+    return model, dict(metadata)
+
+
+def set_drop_path(model: nn.Module, rate: float) -> float:
+    """Stochastic depth rising linearly to `rate` over the blocks, as timm builds it;
+    returns the rate the model had."""
+    blocks = list(model.blocks)
+    old = getattr(blocks[-1].drop_path1, "drop_prob", 0.0) if blocks else 0.0
+    rates = torch.linspace(0, rate, len(blocks)).tolist() if blocks else []
+    for block, r in zip(blocks, rates):
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name):
+                setattr(block, name, DropPath(r) if r > 0 else nn.Identity())
+    return float(old)
