@@ -136,3 +136,22 @@ def test_non_finite_gates_are_refused(model):
         vtp.gates(model)["blocks.1.mlp_in"][3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         vtp.plan(model, ratio=0.4)
+
+
+def test_custom_scores_rank_like_gates(model):
+    """scores= ranks by other criteria with the same rules: passing |gate| itself gives the
+    gate plan, and negated scores keep the dims the gates would remove."""
+    found = vtp.gates(model)
+    same = vtp.plan(model, ratio=0.4, scores={n: g.detach().abs() for n, g in found.items()})
+    assert same.kept == vtp.plan(model, ratio=0.4).kept
+    flipped = vtp.plan(model, ratio=0.5, scope="layer", scores={n: -g.detach().abs() for n, g in found.items()})
+    reference = vtp.plan(model, ratio=0.5, scope="layer")
+    for name, kept in reference.kept.items():
+        assert not set(kept) & set(flipped.kept[name])
+    with pytest.raises(ValueError, match="scores: expected one tensor per gate"):
+        vtp.plan(model, ratio=0.4, scores={"blocks.0.attn_in": torch.ones(3)})
+    bad = {n: g.detach().abs() for n, g in found.items()}
+    name = next(iter(bad))
+    bad[name] = bad[name][:-1]
+    with pytest.raises(ValueError, match=r"scores\['blocks.0.attn_in'\]: expected"):
+        vtp.plan(model, ratio=0.4, scores=bad)

@@ -182,7 +182,7 @@ def _adjust(count: int, size: int, round_to: int, min_keep: int) -> int:
 
 def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "global",
          flops_target: Optional[float] = None, round_to: int = 1, min_keep: int = 0,
-         img_size=None) -> PruningPlan:
+         img_size=None, scores: Optional[Dict[str, torch.Tensor]] = None) -> PruningPlan:
     """Decide which gated dimensions to keep, from the gate magnitudes ``|a|``.
 
     Exactly one of:
@@ -197,6 +197,8 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     For ``attn_out`` the rounding applies to each head's value width, which is what the
     attention kernels and the output projection see.
     ``img_size`` sets the token count used for ``flops_target`` (default: the model's).
+    ``scores`` replaces ``|a|`` by other importance scores, one 1-D tensor per gate name
+    (e.g. weight magnitudes, for comparison with other pruning criteria); higher is kept.
     """
     found = require_gates(model)
     check_supported(model)
@@ -218,10 +220,15 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     if any(g.is_meta for g in found.values()):
         raise ValueError("plan: the gates are on the meta device; a plan needs their values")
     names = list(found)
-    scores = {n: found[n].detach().float().abs().flatten().cpu() for n in names}
+    if scores is None:
+        scores = {n: found[n].detach().float().abs().flatten().cpu() for n in names}
+        what = "gates"
+    else:
+        scores = _check_scores(scores, found)
+        what = "scores"
     bad = [n for n in names if not torch.isfinite(scores[n]).all()]
     if bad:
-        raise ValueError(f"plan: gates {bad[:4]} hold NaN or infinite values; their order means nothing")
+        raise ValueError(f"plan: {what} {bad[:4]} hold NaN or infinite values; their order means nothing")
     sizes = {n: scores[n].numel() for n in names}
     head_dim = model.blocks[0].attn.head_dim
     rule = {"scope": scope, "round_to": round_to, "min_keep": min_keep}
@@ -249,6 +256,21 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
         rule["flops_target"] = float(flops_target)
         kept = _fit_flops(model, scores, names, sizes, head_dim, flops_target, finish, rule, img_size)
     return PruningPlan(kept=kept, sizes=sizes, head_dim=head_dim, rule=rule)
+
+
+def _check_scores(scores, found: Dict[str, nn.Parameter]) -> Dict[str, torch.Tensor]:
+    if not isinstance(scores, dict) or set(scores) != set(found):
+        got = sorted(scores) if isinstance(scores, dict) else type(scores).__name__
+        raise ValueError(f"scores: expected one tensor per gate of the model ({len(found)} gates, "
+                         f"e.g. {next(iter(found))!r}), got {got if isinstance(got, str) else got[:4]}")
+    out = {}
+    for name, gate in found.items():
+        value = torch.as_tensor(scores[name]).detach().float().flatten().cpu()
+        if value.numel() != gate.numel():
+            raise ValueError(f"scores[{name!r}]: expected {gate.numel()} values like the gate, "
+                             f"got {value.numel()}")
+        out[name] = value
+    return out
 
 
 def _global_counts(scores, names, n_remove):
