@@ -61,28 +61,23 @@ def test_param_groups_never_decay_gates():
         vtp.param_groups(model, weight_decay=-1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(scale_attn_norm=True), "scale_attn_norm"),
-    (dict(scale_mlp_norm=True), "scale_mlp_norm"),
-])
-def test_unsupported_options_are_named(kwargs, match):
+def test_unsupported_structures_are_named():
+    """What VTP's sites cannot prune exactly is a TypeError naming the module and what it found."""
+    from timm.layers import GatedMlp
     from timm.models.vision_transformer import VisionTransformer
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, **kwargs)
-    with pytest.raises(TypeError, match=match):
-        vtp.add_gates(model)
 
-
-def test_unsupported_models_are_named():
-    with pytest.raises(TypeError, match="VisionTransformer"):
+    with pytest.raises(TypeError, match="timm ViT with a 'blocks' sequence, got Sequential"):
         vtp.add_gates(nn.Sequential(nn.Linear(3, 3)))
-    from timm.layers import SwiGLU
-    from timm.models.vision_transformer import VisionTransformer
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, mlp_layer=SwiGLU)
-    with pytest.raises(TypeError, match=r"blocks\[0\]\.mlp.*SwiGLU"):
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, mlp_layer=GatedMlp)
+    with pytest.raises(TypeError, match=r"model\.blocks\.0\.mlp: VTP prunes timm's Mlp, GluMlp and SwiGLU, got GatedMlp"):
         vtp.add_gates(model)
-    rope = timm.create_model("vit_base_patch16_rope_224", pretrained=False, depth=1)
-    with pytest.raises(TypeError, match="model: expected a timm VisionTransformer, got Eva"):
-        vtp.add_gates(rope)
+    diff = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, depth=1)
+    with pytest.raises(TypeError, match=r"model\.blocks\.0\.attn: .*got DiffAttention"):
+        vtp.add_gates(diff)
+    gqa = timm.create_model("vit_base_patch16_rope_224", pretrained=False, depth=1, attn_type="rope",
+                            qkv_fused=False, num_kv_heads=4)
+    with pytest.raises(TypeError, match=r"model\.blocks\.0\.attn: grouped-query attention \(12 query heads over 4"):
+        vtp.add_gates(gqa)
 
 
 def test_blocks_with_different_head_dims_are_refused():

@@ -52,7 +52,7 @@ def test_pruned_profile_matches_its_shapes():
 def test_planner_counts_the_tokens_of_padded_dynamic_images(img_size):
     from timm.models.vision_transformer import VisionTransformer
     from vit_variants import BASE
-    from vtp.plan import plan_macs
+    from vtp.planner import plan_macs
 
     model = vtp.add_gates(VisionTransformer(**{**BASE, "dynamic_img_size": True, "dynamic_img_pad": True}))
     randomize_gates(model)

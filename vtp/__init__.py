@@ -5,14 +5,15 @@
     vtp.add_gates(model)                          # learnable score per dimension, 4 sites per block
     loss = task_loss + 1e-4 * vtp.l1_penalty(model)   # sparse training
     plan = vtp.plan(model, ratio=0.4)             # one global threshold on |gate|
-    small = vtp.prune(model, plan)                # a physically smaller timm VisionTransformer
+    small = vtp.prune(model, plan)                # a physically smaller timm model
     vtp.save(small, "out/"); small = vtp.load("out/")
     print(vtp.profile(small))                     # params and multiply-adds
 """
 from .gates import SITES, add_gates, gate_stats, gate_values, gates, l1_penalty, param_groups
 from .io import load, save
-from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, PrunedAttention
-from .plan import PruningPlan, plan
+from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, KeptRmsNorm, PrunedAttention
+from .plan import PruningPlan
+from .planner import plan
 from .profile import Profile, profile
 from .prune import prune
 
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SITES", "add_gates", "gates", "l1_penalty", "param_groups", "gate_values", "gate_stats",
-    "GatedLinear", "KeptLayerNorm", "PrunedAttention", "ConstantBranch",
+    "GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "PrunedAttention", "ConstantBranch",
     "PruningPlan", "plan", "prune", "save", "load", "Profile", "profile",
 ]

@@ -1,17 +1,19 @@
-"""Putting VTP's gates into a timm VisionTransformer and reading them back.
+"""Putting VTP's gates into a timm ViT and reading them back.
 
-Each transformer block gets up to four gates, one per *site* (DESIGN §1):
+Every residual branch of every block gets up to two gates (DESIGN §1; architectures.py says
+where they sit in each timm block):
 
-=============  ===================  ==========================================
-site           gated linear         what the gate scores
-=============  ===================  ==========================================
-``attn_in``    ``attn.qkv``         the LayerNorm output fed to attention
-``attn_out``   ``attn.proj``        the concatenated head outputs (value dims)
-``mlp_in``     ``mlp.fc1``          the LayerNorm output fed to the MLP
-``mlp_hidden`` ``mlp.fc2``          the MLP's hidden features
-=============  ===================  ==========================================
+=============  ==========================  ==========================================
+site           gated linear(s)             what the gate scores
+=============  ==========================  ==========================================
+``attn_in``    ``attn.qkv`` (or q/k/v)     the input of attention (its norm's output)
+``attn_out``   ``attn.proj``               the concatenated head outputs (value dims)
+``mlp_in``     ``mlp.fc1`` (or fc1_g/x)    the input of the MLP (its norm's output)
+``mlp_hidden`` ``mlp.fc2``                 the MLP's hidden features
+=============  ==========================  ==========================================
 
-Gates are named ``blocks.{i}.{site}`` everywhere (plans, statistics, plots).
+Gates are named ``blocks.{i}.{site}`` everywhere (plans, statistics, plots), and
+``blocks.{i}.{j}.{site}`` for the j-th branch of a parallel block.
 """
 from __future__ import annotations
 
@@ -19,28 +21,12 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
+from .architectures import SITES, branches, check_supported, site_linears
 from .modules import GatedLinear
 
 __all__ = ["SITES", "add_gates", "gates", "require_gates", "l1_penalty", "param_groups", "gate_values",
-           "gate_stats", "check_supported", "site_linear"]
-
-SITES: Tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
-
-# site -> (submodule of the block, linear attribute)
-_SITE_LINEAR = {
-    "attn_in": ("attn", "qkv"),
-    "attn_out": ("attn", "proj"),
-    "mlp_in": ("mlp", "fc1"),
-    "mlp_hidden": ("mlp", "fc2"),
-}
-
-
-def site_linear(block: nn.Module, site: str) -> nn.Linear:
-    parent, attr = _SITE_LINEAR[site]
-    return getattr(getattr(block, parent), attr)
+           "gate_stats", "check_supported"]
 
 
 def _check_sites(sites: Iterable[str]) -> Tuple[str, ...]:
@@ -53,69 +39,48 @@ def _check_sites(sites: Iterable[str]) -> Tuple[str, ...]:
     return tuple(s for s in SITES if s in sites)
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise a ``TypeError`` naming the first part of ``model`` that VTP cannot gate or prune.
-
-    Supported: timm ``VisionTransformer`` and its subclasses (e.g. distilled DeiT) built
-    from timm's ``Block``, ``Attention`` and ``Mlp`` with LayerNorm, in any combination of
-    class/register/distillation tokens, pooling, ``qkv_bias``, layer scale and ``qk_norm``.
-    A model that ``vtp.prune`` already shrank is a ``ValueError``.
-    """
-    if getattr(model, "vtp_plan", None) is not None:
-        raise ValueError("model: already pruned by vtp.prune; gates and plans apply to the dense model")
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
-    for i, block in enumerate(model.blocks):
-        where = f"model.blocks[{i}]"
-        if type(block) is not Block:
-            raise TypeError(f"{where}: VTP supports timm's Block, got {type(block).__name__}")
-        attn, mlp = block.attn, block.mlp
-        if type(attn) is not Attention:
-            raise TypeError(f"{where}.attn: VTP supports timm's Attention, got {type(attn).__name__}")
-        if attn.head_dim != model.blocks[0].attn.head_dim:
-            raise TypeError(f"{where}.attn: head_dim {attn.head_dim} differs from block 0's "
-                            f"({model.blocks[0].attn.head_dim}); a plan holds one head_dim")
-        if not isinstance(attn.norm, nn.Identity):
-            raise TypeError(f"{where}.attn: attention output normalisation (scale_attn_norm) is not supported")
-        if getattr(attn, "gate", None) is not None:
-            raise TypeError(f"{where}.attn: gated attention (sigmoid output gate) is not supported")
-        if type(mlp) is not Mlp:
-            raise TypeError(f"{where}.mlp: VTP supports timm's Mlp, got {type(mlp).__name__}")
-        if not isinstance(mlp.norm, nn.Identity):
-            raise TypeError(f"{where}.mlp: hidden normalisation (scale_mlp_norm) is not supported")
-        for name in ("norm1", "norm2"):
-            if not isinstance(getattr(block, name), nn.LayerNorm):
-                raise TypeError(f"{where}.{name}: VTP supports LayerNorm, got {type(getattr(block, name)).__name__}")
-
-
 def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
-    """Replace the gated linears of every block by ``GatedLinear`` (in place); returns ``model``.
+    """Replace the gated linears of every branch by ``GatedLinear`` (in place); returns ``model``.
 
     Weights are shared with the original linears, not copied. Gates start at 1, so the
-    model computes exactly what it did before. Calling it again adds only missing sites.
+    model computes exactly what it did before. Linears that read one input (q, k and v
+    projections, a SwiGLU's two input projections) share one gate. Calling it again adds
+    only missing sites. A site a branch does not have (``mlp_in`` of a parallel block,
+    whose MLP reads the attention's input) is skipped.
     """
     sites = _check_sites(sites)
     check_supported(model)
-    for block in model.blocks:
-        for site in sites:
-            parent, attr = _SITE_LINEAR[site]
-            linear = getattr(getattr(block, parent), attr)
-            if not isinstance(linear, GatedLinear):
-                setattr(getattr(block, parent), attr, GatedLinear.from_linear(linear))
+    for branch in list(branches(model)):
+        for site in branch.sites:
+            if site not in sites:
+                continue
+            linears = site_linears(branch, site)
+            first_parent, first_attr = linears[0]
+            first = getattr(first_parent, first_attr)
+            if isinstance(first, GatedLinear):
+                continue
+            gated = GatedLinear.from_linear(first)
+            setattr(first_parent, first_attr, gated)
+            for parent, attr in linears[1:]:
+                setattr(parent, attr, GatedLinear.from_linear(getattr(parent, attr), gate=gated.gate))
     return model
 
 
 def gates(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """``{"blocks.{i}.{site}": gate Parameter}`` for every gate in ``model``, in block then site order."""
+    """``{"blocks.{i}.{site}": gate Parameter}`` for every gate in ``model``, in block then site order.
+
+    A model with no gates, or one VTP does not know, has none."""
     found: Dict[str, nn.Parameter] = {}
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
+    try:
+        all_branches = list(branches(model))
+    except TypeError:
         return found
-    for i, block in enumerate(blocks):
-        for site, (parent, attr) in _SITE_LINEAR.items():
-            linear = getattr(getattr(block, parent, None), attr, None)
+    for branch in all_branches:
+        for site in branch.sites:
+            parent, attr = site_linears(branch, site)[0]
+            linear = getattr(parent, attr, None)
             if isinstance(linear, GatedLinear):
-                found[f"blocks.{i}.{site}"] = linear.gate
+                found[branch.gate_name(site)] = linear.gate
     return found
 
 

@@ -1,21 +1,34 @@
-"""The nn.Modules VTP puts into a timm VisionTransformer.
+"""The nn.Modules VTP puts into a timm ViT.
 
-``GatedLinear`` is what sparse training runs; ``KeptLayerNorm``, ``PrunedAttention``
-and ``ConstantBranch`` are what pruning leaves behind. Each module keeps the
-attribute names of the timm module it replaces (``qkv``, ``proj``, ``weight``, ...)
-so state_dict keys stay those of timm. All arithmetic goes through
-``vtp_kernels``, whose backend switch picks Triton or PyTorch.
+``GatedLinear`` is what sparse training runs. What pruning leaves behind:
+
+* ``KeptLayerNorm`` / ``KeptRmsNorm``: a norm over the full width that emits only the kept
+  columns (in front of a pruned qkv or fc1, or over a pruned hidden or attention output);
+* ``IndexedLinear``: a linear that reads only the kept columns of its input, where no norm
+  sits in front of it to gather them (post-norm blocks);
+* ``PrunedAttention``: attention whose heads keep different numbers of value dims, with
+  the options of timm's attention modules (q/k norms, RoPE, position biases, an output gate);
+* ``ConstantBranch``: a residual branch that no longer depends on its input.
+
+Modules keep the attribute names of the timm modules they replace (``qkv``, ``proj``,
+``weight``, ...) so state_dict keys stay close to timm's. The arithmetic of the gated
+linear, the gathering LayerNorm and the packed attention goes through ``vtp_kernels``,
+whose backend switch picks Triton or PyTorch.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import RmsNorm, apply_rot_embed_cat
+from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 import vtp_kernels
 
-__all__ = ["GatedLinear", "KeptLayerNorm", "PrunedAttention", "ConstantBranch"]
+__all__ = ["GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
+           "ConstantBranch", "HeadsOfPositionBias", "TablePositionBias", "DecomposedPositionBias"]
 
 
 class GatedLinear(nn.Linear):
@@ -31,16 +44,20 @@ class GatedLinear(nn.Linear):
         self.gate = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "GatedLinear":
-        """Wrap an existing ``nn.Linear``; its weight and bias Parameters are reused, not copied."""
+    def from_linear(cls, linear: nn.Linear, gate: Optional[nn.Parameter] = None) -> "GatedLinear":
+        """Wrap an existing ``nn.Linear``; its weight and bias Parameters are reused, not copied.
+
+        ``gate`` shares an existing gate Parameter (several linears reading the same input,
+        such as separate q, k and v projections, are scored by one gate)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if gate is not None and gate.shape != (linear.in_features,):
+            raise ValueError(f"gate: expected shape [{linear.in_features}], got {list(gate.shape)}")
         gated = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         gated.weight = linear.weight
         gated.bias = linear.bias
-        gated.gate = nn.Parameter(
-            torch.ones(linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
-        )
+        gated.gate = gate if gate is not None else nn.Parameter(
+            torch.ones(linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
         gated.train(linear.training)
         return gated
 
@@ -48,7 +65,42 @@ class GatedLinear(nn.Linear):
         return vtp_kernels.gated_linear(x, self.weight, self.gate, self.bias)
 
 
-class KeptLayerNorm(nn.Module):
+def _check_index(index: torch.Tensor, dim: int) -> torch.Tensor:
+    index = torch.as_tensor(index, dtype=torch.long).flatten()
+    if index.numel() and index.device.type != "meta" and (int(index.min()) < 0 or int(index.max()) >= dim):
+        raise ValueError(f"index: expected values in [0, {dim}), got range "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    return index
+
+
+class _KeptNorm(nn.Module):
+    """What the kept-column norms share: the full width, the kept indices, the affine
+    parameters of the kept columns only."""
+
+    def __init__(self, dim: int, index: torch.Tensor, eps: float, elementwise_affine: bool, bias: bool,
+                 device=None, dtype=None):
+        super().__init__()
+        index = _check_index(index, dim)
+        index = index.to(device) if device is not None else index
+        self.dim = dim
+        self.eps = eps
+        self.register_buffer("index", index)
+        kept = index.numel()
+        self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(kept, device=device, dtype=dtype)) if elementwise_affine and bias else None
+
+    def _copy_affine(self, norm: nn.Module) -> None:
+        with torch.no_grad():
+            if getattr(norm, "weight", None) is not None:
+                self.weight.copy_(norm.weight[self.index])
+            if getattr(norm, "bias", None) is not None:
+                self.bias.copy_(norm.bias[self.index])
+
+    def extra_repr(self) -> str:
+        return f"{self.dim} -> {self.index.numel()}, eps={self.eps}"
+
+
+class KeptLayerNorm(_KeptNorm):
     """A LayerNorm over all ``dim`` features that outputs only the features in ``index``.
 
     Statistics use the full row, as in the unpruned model; the affine parameters
@@ -58,39 +110,131 @@ class KeptLayerNorm(nn.Module):
 
     def __init__(self, dim: int, index: torch.Tensor, eps: float = 1e-6, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        index = torch.as_tensor(index, dtype=torch.long).flatten()
-        if index.numel() and index.device.type != "meta" and (int(index.min()) < 0 or int(index.max()) >= dim):
-            raise ValueError(f"index: expected values in [0, {dim}), got range "
-                             f"[{int(index.min())}, {int(index.max())}]")
-        index = index.to(device) if device is not None else index
-        self.dim = dim
-        self.eps = eps
-        self.register_buffer("index", index)
-        kept = index.numel()
-        self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.zeros(kept, device=device, dtype=dtype)) if elementwise_affine and bias else None
+        super().__init__(dim, index, eps, elementwise_affine, bias, device=device, dtype=dtype)
 
     @classmethod
     def from_layer_norm(cls, norm: nn.LayerNorm, index: torch.Tensor) -> "KeptLayerNorm":
         if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
             raise TypeError(f"norm: expected a 1-D nn.LayerNorm, got {norm!r}")
-        ref = norm.weight if norm.weight is not None else None
+        ref = norm.weight
         kept = cls(norm.normalized_shape[0], index, eps=norm.eps, elementwise_affine=norm.weight is not None,
                    bias=norm.bias is not None, device=ref.device if ref is not None else None,
                    dtype=ref.dtype if ref is not None else None)
-        with torch.no_grad():
-            if norm.weight is not None:
-                kept.weight.copy_(norm.weight[kept.index])
-            if norm.bias is not None:
-                kept.bias.copy_(norm.bias[kept.index])
+        kept._copy_affine(norm)
         return kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return vtp_kernels.layer_norm_gather(x, self.index, self.weight, self.bias, self.eps)
 
+
+class KeptRmsNorm(_KeptNorm):
+    """An RMS norm over all ``dim`` features that outputs only the features in ``index``."""
+
+    def __init__(self, dim: int, index: torch.Tensor, eps: float = 1e-6, elementwise_affine: bool = True,
+                 device=None, dtype=None):
+        super().__init__(dim, index, eps, elementwise_affine, False, device=device, dtype=dtype)
+
+    @classmethod
+    def from_rms_norm(cls, norm: nn.Module, index: torch.Tensor) -> "KeptRmsNorm":
+        shape = tuple(getattr(norm, "normalized_shape", ()))
+        if len(shape) != 1:
+            raise TypeError(f"norm: expected a 1-D RMS norm, got {norm!r}")
+        ref = getattr(norm, "weight", None)
+        eps = norm.eps if norm.eps is not None else torch.finfo(ref.dtype if ref is not None else torch.float32).eps
+        kept = cls(shape[0], index, eps=eps, elementwise_affine=ref is not None,
+                   device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
+        kept._copy_affine(norm)
+        return kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x, (self.dim,), None, self.eps).index_select(-1, self.index)
+        return y * self.weight if self.weight is not None else y
+
+
+class IndexedLinear(nn.Linear):
+    """A linear layer that reads only the input columns in ``in_index``: what a pruned linear
+    becomes where no norm in front of it can emit just the kept columns (post-norm blocks)."""
+
+    def __init__(self, in_features: int, out_features: int, in_index: torch.Tensor, full_width: int,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        in_index = _check_index(in_index, full_width)
+        if in_index.numel() != in_features:
+            raise ValueError(f"in_index: expected {in_features} columns, got {in_index.numel()}")
+        self.full_width = full_width
+        self.register_buffer("in_index", in_index.to(device) if device is not None else in_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.in_index), self.weight, self.bias)
+
     def extra_repr(self) -> str:
-        return f"{self.dim} -> {self.index.numel()}, eps={self.eps}"
+        return f"{self.full_width} -> {super().extra_repr()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Position biases of the kept heads
+
+
+class HeadsOfPositionBias(nn.Module):
+    """The kept heads' rows of a timm relative-position module's bias (``get_bias()``,
+    ``[1, heads, N, N]``): the module, its parameters and its window logic stay timm's."""
+
+    def __init__(self, rel_pos: nn.Module, heads: Sequence[int]):
+        super().__init__()
+        self.rel_pos = rel_pos
+        self.register_buffer("heads", torch.as_tensor(list(heads), dtype=torch.long), persistent=False)
+
+    def forward(self, q: torch.Tensor, spatial: Optional[Tuple[int, int]]) -> torch.Tensor:
+        return self.rel_pos.get_bias().index_select(1, self.heads.to(q.device))
+
+
+class TablePositionBias(nn.Module):
+    """BEiT's relative-position bias: a learned table ``[distances, kept heads]`` looked up
+    through a fixed index of ``[tokens, tokens]``."""
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(table.detach().clone())
+        self.register_buffer("relative_position_index", index.detach().clone(), persistent=False)
+
+    def forward(self, q: torch.Tensor, spatial: Optional[Tuple[int, int]]) -> torch.Tensor:
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
+
+
+class DecomposedPositionBias(nn.Module):
+    """SAM's decomposed relative position bias (MViTv2): computed from the queries and one
+    learned table per image axis; queries keep their full head width, so nothing is pruned."""
+
+    def __init__(self, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor):
+        super().__init__()
+        self.rel_pos_h = nn.Parameter(rel_pos_h.detach().clone())
+        self.rel_pos_w = nn.Parameter(rel_pos_w.detach().clone())
+
+    def forward(self, q: torch.Tensor, spatial: Optional[Tuple[int, int]]) -> torch.Tensor:
+        B, H, N, D = q.shape
+        bias = get_decomposed_rel_pos_bias(q.reshape(B * H, N, D), self.rel_pos_h, self.rel_pos_w,
+                                           spatial, spatial)
+        return bias.view(B, H, N, N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def _select_heads(bias: Optional[torch.Tensor], heads: torch.Tensor, dense_heads: int) -> Optional[torch.Tensor]:
+    """A bias or mask over the dense model's heads, restricted to the kept ones; one that
+    broadcasts over heads is left as it is."""
+    if bias is None or bias.dim() < 3 or bias.shape[-3] != dense_heads or dense_heads == heads.numel():
+        return bias
+    return bias.index_select(-3, heads.to(bias.device))
+
+
+def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 class PrunedAttention(nn.Module):
@@ -99,12 +243,32 @@ class PrunedAttention(nn.Module):
     ``qkv`` emits ``[Q of every head | K of every head | V packed head by head]``:
     queries and keys keep the full ``head_dim`` (VTP never prunes them), values
     keep ``v_widths[h]`` dims for head ``h``. ``proj`` reads the packed values.
-    Mirrors timm's ``Attention`` (same submodule names, same call signature).
+    Takes the call signatures of timm's attention modules: ``x`` as ``[B, N, C]`` (or
+    ``[B, H, W, C]`` for SAM), and optionally ``rope``, ``attn_mask`` and a bias shared
+    by all blocks (``shared_rel_pos`` / ``shared_rel_pos_bias``).
+
+    Options, each as in the timm module it replaces:
+      q_norm, k_norm      per-head norms of queries and keys
+      rope_prefix_tokens  apply the ``rope`` argument (or ``rope_module.get_embed()``) to
+                          queries and keys after this many prefix tokens; None: no RoPE
+      rotate_half         RoPE's 'half' layout instead of the interleaved one
+      position_bias       a module giving the kept heads' bias from (q, spatial size)
+      norm                a norm over the attention output (timm's ``scale_norm``): values
+                          then keep their full width, and the norm emits the kept dims
+      gated               an output gate ``sigmoid(gate(x))`` over the kept value dims
+      in_index            read only these input columns (post-norm blocks)
+      kept_heads          the dense model's index of each kept head: a shared bias or a
+                          mask given over all the dense model's heads is restricted to these
     """
 
     def __init__(self, in_features: int, out_features: int, head_dim: int, v_widths: Sequence[int],
                  qkv_bias: bool = True, proj_bias: bool = True, q_norm: Optional[nn.Module] = None,
                  k_norm: Optional[nn.Module] = None, proj_drop: float = 0.0, scale: Optional[float] = None,
+                 *, rope_prefix_tokens: Optional[int] = None, rotate_half: bool = False,
+                 rope_module: Optional[nn.Module] = None, position_bias: Optional[nn.Module] = None,
+                 norm: Optional[nn.Module] = None, gated: bool = False, gate_bias: bool = True,
+                 in_index: Optional[torch.Tensor] = None,
+                 kept_heads: Optional[Sequence[int]] = None, dense_heads: Optional[int] = None,
                  device=None, dtype=None):
         super().__init__()
         v_widths = tuple(int(w) for w in v_widths)
@@ -116,28 +280,75 @@ class PrunedAttention(nn.Module):
         self.qk_dim = self.num_heads * head_dim
         self.v_dim = sum(v_widths)
         self.scale = head_dim ** -0.5 if scale is None else scale
+        self.rope_prefix_tokens = rope_prefix_tokens
+        self.rotate_half = rotate_half
         dd = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(in_features, 2 * self.qk_dim + self.v_dim, bias=qkv_bias, **dd)
+        kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
+        if len(kept_heads) != self.num_heads:
+            raise ValueError(f"kept_heads: expected {self.num_heads} head indices, got {len(kept_heads)}")
+        self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
+        self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
+                             persistent=False)
+        if in_index is not None:
+            in_index = _check_index(in_index, in_features)
+            self.register_buffer("in_index", in_index.to(device) if device is not None else in_index)
+            width = in_index.numel()
+        else:
+            self.in_index = None
+            width = in_features
+        self.qkv = nn.Linear(width, 2 * self.qk_dim + self.v_dim, bias=qkv_bias, **dd)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
-        self.proj = nn.Linear(self.v_dim, out_features, bias=proj_bias, **dd)
+        self.rope = rope_module
+        self.position_bias = position_bias
+        self.norm = norm if norm is not None else nn.Identity()
+        out_dim = norm.index.numel() if isinstance(norm, _KeptNorm) else self.v_dim
+        self.gate = nn.Linear(width, out_dim, bias=gate_bias, **dd) if gated else None
+        self.proj = nn.Linear(out_dim, out_features, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("PrunedAttention: attn_mask and is_causal are not supported")
-        B, N, _ = x.shape
+    def _rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        npt = self.rope_prefix_tokens
+        rotated = apply_rot_embed_cat(t[:, :, npt:, :], rope, half=self.rotate_half)
+        return torch.cat([t[:, :, :npt, :], rotated.type_as(t)], dim=2) if npt else rotated.type_as(t)
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                shared_rel_pos: Optional[torch.Tensor] = None,
+                shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if is_causal:
+            raise NotImplementedError("PrunedAttention: is_causal is not supported (ViTs attend to every token)")
+        spatial = tuple(x.shape[1:3]) if x.dim() == 4 else None
+        B = x.shape[0]
+        x = x.reshape(B, -1, x.shape[-1])
+        N = x.shape[1]
+        if self.in_index is not None:
+            x = x.index_select(-1, self.in_index)
         qkv = self.qkv(x)
         q = qkv[..., : self.qk_dim].view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k = qkv[..., self.qk_dim: 2 * self.qk_dim].view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         v = qkv[..., 2 * self.qk_dim:]
         q, k = self.q_norm(q), self.k_norm(k)
-        x = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale)
-        return self.proj_drop(self.proj(x))
+        if self.rope is not None:
+            rope = self.rope.get_embed()
+        if rope is not None and self.rope_prefix_tokens is not None:
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
+
+        bias = None
+        for term in (self.position_bias(q, spatial) if self.position_bias is not None else None,
+                     shared_rel_pos, shared_rel_pos_bias, attn_mask):
+            term = _additive(_select_heads(term, self.kept_heads, self.dense_heads), q.dtype)
+            if term is not None:
+                bias = term if bias is None else bias + term
+        out = self.norm(vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=bias))
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        out = self.proj_drop(self.proj(out))
+        return out.view(B, *spatial, -1) if spatial is not None else out
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}"
+        rope = f", rope after {self.rope_prefix_tokens} tokens" if self.rope_prefix_tokens is not None else ""
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{rope}"
 
 
 class ConstantBranch(nn.Module):
@@ -145,17 +356,29 @@ class ConstantBranch(nn.Module):
 
     When every input or every hidden dim of an attention or MLP branch is pruned,
     the branch adds the same vector to every token; that vector stays trainable,
-    like a bias. Accepts and ignores attention's keyword arguments so it can stand
-    in for ``block.attn`` as well as ``block.mlp``.
+    like a bias. Accepts and ignores the keyword arguments of timm's attention modules
+    (masks, RoPE, shared biases) so it can stand in for any branch.
     """
 
     def __init__(self, value: torch.Tensor):
         super().__init__()
         self.value = nn.Parameter(value.detach().clone().flatten())
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.value.expand(*x.shape[:-1], self.value.numel())
 
     def extra_repr(self) -> str:
         return f"dim={self.value.numel()}"
+
+
+def kept_norm(norm: nn.Module, index: torch.Tensor) -> nn.Module:
+    """The kept-column twin of a LayerNorm or RMS norm; a ``TypeError`` for other norms."""
+    if isinstance(norm, nn.LayerNorm):
+        return KeptLayerNorm.from_layer_norm(norm, index)
+    if is_rms_norm(norm):
+        return KeptRmsNorm.from_rms_norm(norm, index)
+    raise TypeError(f"norm: VTP prunes behind LayerNorm and RMS norms, got {type(norm).__name__}")
+
+
+def is_rms_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, (RmsNorm, getattr(nn, "RMSNorm", RmsNorm)))

@@ -2,13 +2,14 @@
 
 MACs are *multiply-accumulates* per image: a ``[M, K] x [K, N]`` product counts
 ``M * K * N``. That is the unit of the literature's "FLOPs" for ViTs (DeiT-B: 17.6 G).
-Counted: every linear layer and convolution, and the two matrix products of each
-attention (``Q K^T`` and ``P V``). Not counted: norms, softmax, activations, additions
-(together well under 1 % of a ViT).
+Counted: every linear layer and convolution (a SwiGLU's three, the MLP that computes a
+relative-position bias table), and the two matrix products of each attention (``Q K^T``
+and ``P V``). Not counted: norms, softmax, activations, additions, rotary embeddings and
+position-bias lookups (together well under 1 % of a ViT).
 
 ``profile`` counts by running one image through the model with hooks, so the figures
-are those of the modules actually present. ``block_macs`` is the same count computed
-from a block's kept sizes alone; the planner uses it to search for a FLOPs target.
+are those of the modules actually present. The planner prunes a copy on the meta device
+(no memory, no arithmetic) and profiles it, so a plan's MACs are exactly these figures.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Attention
+from timm.models.vision_transformer import ParallelScalingBlock
 
+from .architectures import ATTENTIONS
 from .modules import PrunedAttention
 
-__all__ = ["Profile", "profile", "block_macs", "num_tokens"]
-
+__all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_size"]
 
 @dataclass(frozen=True)
 class Profile:
@@ -50,7 +51,8 @@ def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
 
 
 def num_tokens(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> int:
-    """Sequence length the blocks see: patches plus class, distillation and register tokens."""
+    """Sequence length the blocks of a patch-embedding ViT see: patches plus class,
+    distillation and register tokens."""
     h, w = _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
     ph, pw = _pair(model.patch_embed.patch_size)
     if getattr(model.patch_embed, "dynamic_img_pad", False):  # the image is padded to whole patches
@@ -58,25 +60,41 @@ def num_tokens(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]]
     return (h // ph) * (w // pw) + model.num_prefix_tokens
 
 
-def block_macs(tokens: int, dim: int, head_dim: int, *, attn_in: int, v_widths, mlp_in: int,
-               mlp_hidden: int) -> int:
-    """MACs of one block from its kept sizes (0 for a branch that pruning made constant).
+def input_channels(model: nn.Module) -> int:
+    """Channels of the images ``model`` takes: its patch embedding's, or its first
+    convolution's (hybrid stems)."""
+    embed = _embed(model)
+    if hasattr(embed, "in_chans"):
+        return int(embed.in_chans)
+    for m in embed.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    raise TypeError(f"model: cannot tell the input channels of {type(embed).__name__}")
 
-    attn_in: kept inputs of qkv; v_widths: kept value dims of each head (a head with 0
-    is gone, its Q/K rows too); mlp_in: kept inputs of fc1; mlp_hidden: kept hidden dims.
-    """
-    macs = 0
-    v_total = sum(v_widths)
-    if attn_in and v_total:
-        heads = sum(1 for w in v_widths if w)
-        qkv_out = 2 * heads * head_dim + v_total
-        macs += tokens * attn_in * qkv_out            # qkv
-        macs += tokens * tokens * heads * head_dim    # Q K^T
-        macs += tokens * tokens * v_total             # P V
-        macs += tokens * v_total * dim                # proj
-    if mlp_in and mlp_hidden:
-        macs += tokens * mlp_in * mlp_hidden + tokens * mlp_hidden * dim
-    return macs
+
+def default_img_size(model: nn.Module) -> Tuple[int, int]:
+    """The image size ``model`` was built for."""
+    embed = _embed(model)
+    size = getattr(embed, "img_size", None) or getattr(embed, "default_img_size", None)
+    if size is None:
+        raise TypeError(f"model: cannot tell the image size of {type(embed).__name__}")
+    return _pair(size)
+
+
+def _embed(model: nn.Module) -> nn.Module:
+    embed = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+    if embed is None:
+        raise TypeError(f"model: expected a timm ViT (VisionTransformer, Eva, ...) with a patch embedding, "
+                        f"got {type(model).__name__}")
+    return embed
+
+
+def _attention_dims(m: nn.Module) -> Tuple[int, int]:
+    """(query/key width, value width) of an attention module, summed over its heads."""
+    if isinstance(m, PrunedAttention):
+        return m.qk_dim, m.v_dim
+    dim = m.num_heads * m.head_dim
+    return dim, dim
 
 
 def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> Profile:
@@ -85,12 +103,10 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     Gates count as parameters (they are trained); the pruned model has none.
     ``img_size`` defaults to the size the model was built for.
     """
-    if not hasattr(model, "patch_embed"):
-        raise TypeError(f"model: expected a timm VisionTransformer, got {type(model).__name__}")
-    size = _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
+    embed = _embed(model)
+    size = _pair(img_size) if img_size is not None else default_img_size(model)
     if min(size) <= 0:
         raise ValueError(f"img_size: expected positive sizes, got {img_size}")
-    embed = model.patch_embed
     if getattr(embed, "strict_img_size", False) and size != _pair(embed.img_size):
         raise ValueError(f"img_size: the model takes only {tuple(embed.img_size)} images (no dynamic_img_size), "
                          f"got {size}")
@@ -108,11 +124,9 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
         total[0] += output.numel() * k
 
     def attention_hook(m: nn.Module, inputs, output):
-        batch, tokens = inputs[0].shape[:2]
-        if isinstance(m, PrunedAttention):
-            qk, v = m.qk_dim, m.v_dim
-        else:
-            qk = v = m.attn_dim
+        # [B, N, C], or [B, H, W, C] (SAM; windows are batched)
+        batch, tokens = inputs[0].shape[0], inputs[0][0, ..., 0].numel()
+        qk, v = _attention_dims(m)
         total[0] += batch * tokens * tokens * (qk + v)
 
     handles = []
@@ -121,12 +135,12 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
             handles.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, (Attention, PrunedAttention)):
+        elif isinstance(m, ATTENTIONS + (PrunedAttention, ParallelScalingBlock)):
             handles.append(m.register_forward_hook(attention_hook))
     was_training = model.training
     ref = next(model.parameters())
     # A private generator: profiling must not shift the caller's random stream.
-    x = torch.randn(1, model.patch_embed.proj.in_channels, *size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, input_channels(model), *size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=ref.device, dtype=ref.dtype)
     try:
         model.eval()

@@ -1,16 +1,22 @@
-"""Physical pruning: a gated ViT and a plan in, a smaller timm VisionTransformer out.
+"""Physical pruning: a gated ViT and a plan in, a smaller timm model out.
 
-For block ``i`` with effective gates ``g`` (the gate values when folding, else 1,
-and 0 wherever the plan prunes):
+For every residual branch (architectures.py) with effective gates ``g`` (the gate values
+when folding, else 1, and 0 wherever the plan prunes):
 
-* ``attn_in``  : qkv keeps only the kept input columns (``W[:, kept] * g[kept]``);
-  ``norm1`` becomes a ``KeptLayerNorm`` that emits only those columns.
-* ``attn_out`` : each head keeps its kept value dims; V rows of qkv and columns of
-  proj go with them. A head left with no value dim is removed with its Q and K rows.
-* ``mlp_in``   : fc1 keeps the kept input columns; ``norm2`` emits only those.
-* ``mlp_hidden``: fc1 keeps the kept rows (and bias), fc2 the kept columns.
-* A branch whose gated inputs or hidden features are all pruned no longer depends on
-  its input: it becomes a ``ConstantBranch`` holding its output (layer scale folded in).
+* input sites (``attn_in``, ``mlp_in``): the linears reading the branch input keep only the
+  kept columns (``W[:, kept] * g[kept]``); the norm in front becomes a ``KeptLayerNorm`` /
+  ``KeptRmsNorm`` that emits only those columns (full-row statistics), or, where no norm
+  sits in front (post-norm blocks), the linears read the kept columns (``IndexedLinear``);
+* ``attn_out``: each head keeps its kept value dims; V rows of the input projection and
+  columns of proj go with them, and a head left with no value dim goes with its Q and K
+  rows. The attention becomes a ``PrunedAttention``. Where a norm sits over the attention
+  output (timm's ``scale_norm``), its statistics need every value dim: V keeps its width and
+  the norm emits the kept dims;
+* ``mlp_hidden``: fc1 (both halves of a GLU) keeps the kept rows, fc2 the kept columns;
+  with a norm over the hidden features fc1 keeps every row and the norm emits the kept ones;
+* a branch whose gated inputs or hidden features are all pruned no longer depends on its
+  input: it becomes a ``ConstantBranch`` holding its output (a layer-scale module and a
+  post-norm folded in).
 
 With ``fold=True`` the pruned model computes, in eval mode, exactly what the gated
 model computes with the pruned gates set to 0.
@@ -20,13 +26,19 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import GluMlp
+from timm.models.beit import Attention as BeitAttention
+from timm.models.vision_transformer_relpos import RelPosAttention
+from timm.models.vision_transformer_sam import Attention as SamAttention
 
-from .gates import SITES, check_supported, site_linear
-from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, PrunedAttention
+from .architectures import Branch, attention_input_names, branches, check_supported, site_linears
+from .modules import (ConstantBranch, DecomposedPositionBias, GatedLinear, HeadsOfPositionBias,
+                      IndexedLinear, PrunedAttention, TablePositionBias, kept_norm)
 from .plan import PruningPlan
 
 __all__ = ["prune", "PrunedFrom"]
@@ -46,7 +58,7 @@ class PrunedFrom:
     fold: bool
 
 
-def _structure_copy(model: nn.Module) -> nn.Module:
+def structure_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device."""
     memo = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
@@ -61,127 +73,278 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
     fold=True (default) multiplies each kept gate value into its weight columns, so the
     pruned model starts fine-tuning where the gated model left off. fold=False drops the
     gate values (resets them to 1), as in the VTP paper. The result has no gates, records
-    the plan as ``model.vtp_plan`` and keeps ``model``'s training mode and device.
+    the plan as ``model.vtp_plan`` (and what it was pruned from as ``model.vtp_pruned_from``)
+    and keeps ``model``'s training mode and device.
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan: expected a vtp.PruningPlan, got {type(plan).__name__}")
     check_supported(model)
     plan.check_model(model)
-    for block in model.blocks:
-        if block.attn.attn_drop.p > 0:
-            raise ValueError("model: pruned attention has no attention-probability dropout; "
+    for branch in branches(model):
+        drop = getattr(branch.module(), "attn_drop", None)
+        if branch.kind != "mlp" and drop is not None and drop.p > 0:
+            raise ValueError(f"{branch.where}: pruned attention has no attention-probability dropout; "
                              "build the model with attn_drop_rate=0")
 
     pruned = copy.deepcopy(model)
     with torch.no_grad():
-        for i, block in enumerate(pruned.blocks):
-            effective = _effective_gates(block, i, plan, fold)
-            before = set(block.modules())
-            _prune_attention(block, effective)
-            _prune_mlp(block, effective)
-            for m in block.modules():  # the modules pruning made take the block's mode
+        for branch in list(branches(pruned)):
+            effective = {site: _effective_gate(branch, site, plan, fold) for site in branch.sites}
+            before = set(branch.host.modules())
+            {"attn": _prune_attention, "mlp": _prune_mlp, "parallel": _prune_parallel}[branch.kind](
+                branch, effective)
+            for m in branch.host.modules():  # the modules pruning made take the block's mode
                 if m not in before:
-                    m.training = block.training
+                    m.training = branch.host.training
     pruned.vtp_plan = plan
-    pruned.vtp_pruned_from = PrunedFrom(dense=_structure_copy(model), fold=fold)
+    pruned.vtp_pruned_from = PrunedFrom(dense=structure_copy(model), fold=fold)
     return pruned
 
 
-def _effective_gates(block: nn.Module, index: int, plan: PruningPlan, fold: bool):
-    """Per site: the kept indices (on the CPU: the structure is decided from them, also for
-    models on the meta device), and the vector the pruned weights bake in (the gate value,
-    or 1 without folding, where kept; 0 where pruned)."""
-    out = {}
-    for site in SITES:
-        linear = site_linear(block, site)
-        w = linear.weight
-        if isinstance(linear, GatedLinear):
-            kept = torch.tensor(plan.kept[f"blocks.{index}.{site}"], dtype=torch.long)
-            values = linear.gate.detach().to(w.dtype) if fold else torch.ones(linear.in_features, dtype=w.dtype,
-                                                                             device=w.device)
-            effective = torch.zeros_like(values)
-            effective[kept.to(w.device)] = values[kept.to(w.device)]
-        else:
-            kept = torch.arange(linear.in_features)
-            effective = torch.ones(linear.in_features, dtype=w.dtype, device=w.device)
-        out[site] = (kept, effective)
-    return out
+Gate = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _linear(weight: torch.Tensor, bias) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                      device=weight.device, dtype=weight.dtype)
+def _effective_gate(branch: Branch, site: str, plan: PruningPlan, fold: bool) -> Gate:
+    """The kept indices (on the CPU: the structure is decided from them, also for models on
+    the meta device), and the vector the pruned weights bake in (the gate value, or 1 without
+    folding, where kept; 0 where pruned)."""
+    parent, attr = site_linears(branch, site)[0]
+    linear = getattr(parent, attr)
+    w = linear.weight
+    if not isinstance(linear, GatedLinear):
+        return torch.arange(linear.in_features), torch.ones(linear.in_features, dtype=w.dtype, device=w.device)
+    kept = torch.tensor(plan.kept[branch.gate_name(site)], dtype=torch.long)
+    values = linear.gate.detach().to(w.dtype) if fold else torch.ones(linear.in_features, dtype=w.dtype,
+                                                                     device=w.device)
+    effective = torch.zeros_like(values)
+    effective[kept.to(w.device)] = values[kept.to(w.device)]
+    return kept, effective
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], in_index: Optional[torch.Tensor] = None,
+            full_width: int = 0) -> nn.Linear:
+    """A plain linear layer holding these weights; with ``in_index``, one that reads only
+    those columns of a ``full_width`` input."""
+    dd = {"device": weight.device, "dtype": weight.dtype}
+    if in_index is None:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **dd)
+    else:
+        layer = IndexedLinear(weight.shape[1], weight.shape[0], in_index, full_width, bias=bias is not None, **dd)
     layer.weight.copy_(weight)
     if bias is not None:
         layer.bias.copy_(bias)
     return layer
 
 
-def _make_constant(block: nn.Module, branch: str, norm: str, scale: str, out: torch.Tensor) -> None:
-    """Replace ``block.<branch>`` by its fixed output ``out``, with the layer scale baked in;
-    the norm in front of it and the scale become identities."""
-    value = getattr(block, scale)(out.view(1, 1, -1)).flatten()
-    setattr(block, branch, ConstantBranch(value))
-    setattr(block, norm, nn.Identity())
-    setattr(block, scale, nn.Identity())
+def _narrow_input(branch: Branch, gate: Gate, width: int) -> Optional[torch.Tensor]:
+    """Make the branch input carry only the kept columns. A pre-norm emits them; without
+    one, the reading linears must gather them: their ``in_index`` is returned (None when
+    nothing is pruned or the norm gathers)."""
+    kept, _ = gate
+    if kept.numel() == width:
+        return None
+    if branch.norm is not None:
+        setattr(branch.host, branch.norm, kept_norm(getattr(branch.host, branch.norm), kept))
+        return None
+    return kept
 
 
-def _prune_attention(block: nn.Module, gates: dict) -> None:
-    attn = block.attn
-    qkv, proj = attn.qkv, attn.proj
-    dim, heads, head_dim = qkv.in_features, attn.num_heads, attn.head_dim
-    (kept_in, g_in), (kept_out, g_out) = gates["attn_in"], gates["attn_out"]
-
-    attn_dim = heads * head_dim
-    if kept_in.numel() == 0 or kept_out.numel() == 0:
-        # With no input dim left, Q, K and V are the qkv bias for every token: attention is
-        # uniform and each head outputs its V bias. With no value dim left, proj sees zeros.
-        v = qkv.bias[2 * attn_dim:] if qkv.bias is not None else qkv.weight.new_zeros(attn_dim)
-        _make_constant(block, "attn", "norm1", "ls1", F.linear(v * g_out, proj.weight, proj.bias))
-        return
-
-    if kept_in.numel() < dim:
-        block.norm1 = KeptLayerNorm.from_layer_norm(block.norm1, kept_in)
-    widths = torch.bincount(kept_out // head_dim, minlength=heads).tolist()
-    kept_in, kept_out = kept_in.to(qkv.weight.device), kept_out.to(qkv.weight.device)
-    w_qkv = qkv.weight[:, kept_in] * g_in[kept_in]
-    w_proj = proj.weight[:, kept_out] * g_out[kept_out]
-    if kept_out.numel() == attn_dim:
-        attn.qkv = _linear(w_qkv, qkv.bias)
-        attn.proj = _linear(w_proj, proj.bias)
-        return
-
-    live = [h for h in range(heads) if widths[h] > 0]
-    qk_rows = [h * head_dim + j for h in live for j in range(head_dim)]
-    rows = torch.tensor(qk_rows + [attn_dim + r for r in qk_rows], dtype=torch.long, device=kept_out.device)
-    rows = torch.cat([rows, 2 * attn_dim + kept_out])  # Q and K of live heads, then the kept V rows
-    new = PrunedAttention(
-        kept_in.numel(), proj.out_features, head_dim, [widths[h] for h in live],
-        qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None,
-        q_norm=attn.q_norm, k_norm=attn.k_norm, proj_drop=attn.proj_drop.p, scale=attn.scale,
-        device=qkv.weight.device, dtype=qkv.weight.dtype,
-    )
-    new.qkv = _linear(w_qkv[rows], qkv.bias[rows] if qkv.bias is not None else None)
-    new.proj = _linear(w_proj, proj.bias)
-    new.train(attn.training)
-    block.attn = new
+def _scaled_columns(weight: torch.Tensor, gate: Gate) -> torch.Tensor:
+    kept, g = gate
+    kept = kept.to(weight.device)
+    return weight[:, kept] * g[kept]
 
 
-def _prune_mlp(block: nn.Module, gates: dict) -> None:
-    mlp = block.mlp
-    fc1, fc2 = mlp.fc1, mlp.fc2
-    dim = fc1.in_features
+def _make_constant(branch: Branch, value: torch.Tensor) -> None:
+    """Replace the branch's core by its fixed output; the norm in front becomes an identity,
+    a post-norm and a layer-scale module are folded into the value (a layer-scale
+    Parameter, which its block multiplies in, stays)."""
+    host = branch.host
+    value = value.view(1, 1, -1)
+    if branch.post_norm is not None:
+        value = getattr(host, branch.post_norm)(value)
+        setattr(host, branch.post_norm, nn.Identity())
+    if branch.scale is not None and isinstance(getattr(host, branch.scale), nn.Module):
+        value = getattr(host, branch.scale)(value.clone())
+        setattr(host, branch.scale, nn.Identity())
+    if branch.norm is not None:
+        setattr(host, branch.norm, nn.Identity())
+    setattr(host, branch.core, ConstantBranch(value.flatten()))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP branches
+
+
+def _prune_mlp(branch: Branch, gates: Dict[str, Gate]) -> None:
+    mlp = branch.module()
     (kept_in, g_in), (kept_hidden, g_hidden) = gates["mlp_in"], gates["mlp_hidden"]
-
+    fc2 = mlp.fc2
     if kept_in.numel() == 0 or kept_hidden.numel() == 0:
         # fc1 sees zeros (or fc2 keeps no hidden feature): the output is fixed by the biases.
-        hidden = mlp.act(F.linear(fc1.weight.new_zeros(dim) * g_in, fc1.weight, fc1.bias))
-        _make_constant(block, "mlp", "norm2", "ls2", F.linear(hidden * g_hidden, fc2.weight, fc2.bias))
+        frozen = copy.deepcopy(mlp).eval()
+        frozen.fc2 = _linear(fc2.weight * g_hidden, fc2.bias)
+        width = getattr(*site_linears(branch, "mlp_in")[0]).in_features
+        _make_constant(branch, frozen(fc2.weight.new_zeros(1, width)).flatten())
         return
 
-    if kept_in.numel() < dim:
-        block.norm2 = KeptLayerNorm.from_layer_norm(block.norm2, kept_in)
-    kept_in, kept_hidden = kept_in.to(fc1.weight.device), kept_hidden.to(fc1.weight.device)
-    w1 = fc1.weight[kept_hidden][:, kept_in] * g_in[kept_in]
-    mlp.fc1 = _linear(w1, fc1.bias[kept_hidden] if fc1.bias is not None else None)
-    mlp.fc2 = _linear(fc2.weight[:, kept_hidden] * g_hidden[kept_hidden], fc2.bias)
+    inputs = site_linears(branch, "mlp_in")
+    width = getattr(*inputs[0]).in_features
+    in_index = _narrow_input(branch, gates["mlp_in"], width)
+    hidden = fc2.in_features
+    hidden_norm = not isinstance(mlp.norm, nn.Identity)
+    # A norm over the hidden features needs all of them for its statistics.
+    rows = torch.arange(hidden) if hidden_norm else kept_hidden
+    if isinstance(mlp, GluMlp):
+        rows = torch.cat([rows, rows + hidden])  # value and gate halves go together
+    for parent, attr in inputs:
+        layer = getattr(parent, attr)
+        r = rows.to(layer.weight.device)
+        setattr(parent, attr, _linear(_scaled_columns(layer.weight[r], gates["mlp_in"]),
+                                      layer.bias[r] if layer.bias is not None else None, in_index, width))
+    if hidden_norm and kept_hidden.numel() < hidden:
+        mlp.norm = kept_norm(mlp.norm, kept_hidden)
+    mlp.fc2 = _linear(_scaled_columns(fc2.weight, gates["mlp_hidden"]), fc2.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention branches
+
+
+@dataclass
+class _AttentionParts:
+    """A timm attention module taken apart: per-head projections, biases and options."""
+    heads: int
+    head_dim: int
+    weights: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]             # q, k, v: [heads * head_dim, in]
+    biases: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    gate: Optional[nn.Linear]
+    norm: nn.Module
+    proj: nn.Linear
+    rope_prefix_tokens: Optional[int]
+    rotate_half: bool
+    rope_module: Optional[nn.Module]
+
+
+def _attention_parts(attn: nn.Module) -> _AttentionParts:
+    heads, head_dim = attn.num_heads, attn.head_dim
+    dim = heads * head_dim
+    if getattr(attn, "qkv", None) is not None:
+        w = attn.qkv.weight
+        weights = (w[:dim], w[dim:2 * dim], w[2 * dim:])
+        b = attn.qkv.bias
+        if b is not None:
+            biases = (b[:dim], b[dim:2 * dim], b[2 * dim:])
+        elif getattr(attn, "q_bias", None) is not None:  # EVA and BEiT: no key bias
+            biases = (attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias)
+        else:
+            biases = None
+    else:
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        weights = tuple(p.weight for p in projs)
+        if any(p.bias is not None for p in projs):
+            biases = tuple(p.bias if p.bias is not None else p.weight.new_zeros(dim) for p in projs)
+        else:
+            biases = None
+    rope_prefix, rope_module = None, None
+    if hasattr(attn, "rotate_half"):  # EvaAttention, AttentionRope: RoPE comes with the call
+        rope_prefix = attn.num_prefix_tokens
+    if isinstance(attn, SamAttention) and attn.rope is not None:
+        rope_prefix, rope_module = 0, attn.rope
+    gate = attn.gate if isinstance(getattr(attn, "gate", None), nn.Linear) else None
+    return _AttentionParts(heads, head_dim, weights, biases, gate, getattr(attn, "norm", nn.Identity()),
+                           attn.proj, rope_prefix, bool(getattr(attn, "rotate_half", False)), rope_module)
+
+
+def _position_bias(attn: nn.Module, kept_heads: List[int]) -> Optional[nn.Module]:
+    """The kept heads' part of the attention's own position bias, if it has one."""
+    if isinstance(attn, RelPosAttention) and attn.rel_pos is not None:
+        return HeadsOfPositionBias(attn.rel_pos, kept_heads)
+    if isinstance(attn, BeitAttention) and attn.relative_position_bias_table is not None:
+        table = attn.relative_position_bias_table
+        return TablePositionBias(table[:, torch.tensor(kept_heads, device=table.device)],
+                                 attn.relative_position_index)
+    if isinstance(attn, SamAttention) and attn.use_rel_pos:
+        return DecomposedPositionBias(attn.rel_pos_h, attn.rel_pos_w)
+    return None
+
+
+def _constant_attention(parts: _AttentionParts, g_in: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """Every value equal (no input dim left: V is its bias) makes every head output that
+    value, whatever the weights of softmax; with no value dim left proj sees zeros."""
+    dim = parts.heads * parts.head_dim
+    w = parts.proj.weight
+    out = parts.biases[2] if parts.biases is not None else w.new_zeros(dim)
+    out = parts.norm(out.view(1, 1, -1)).flatten()
+    if parts.gate is not None:
+        gate_in = w.new_zeros(1, parts.gate.in_features)
+        out = out * F.linear(gate_in * g_in, parts.gate.weight, parts.gate.bias).sigmoid().flatten()
+    return F.linear(out * g_out, w, parts.proj.bias)
+
+
+def _prune_attention(branch: Branch, gates: Dict[str, Gate]) -> None:
+    attn = branch.module()
+    parts = _attention_parts(attn)
+    (kept_in, g_in), (kept_out, g_out) = gates["attn_in"], gates["attn_out"]
+    dim, head_dim = parts.heads * parts.head_dim, parts.head_dim
+    if kept_in.numel() == 0 or kept_out.numel() == 0:
+        _make_constant(branch, _constant_attention(parts, g_in, g_out))
+        return
+
+    width = parts.weights[0].shape[1]
+    in_index = _narrow_input(branch, gates["attn_in"], width)
+    if kept_in.numel() == width and kept_out.numel() == dim:
+        # Nothing pruned: fold the gates into the weights and keep timm's module.
+        for name in attention_input_names(attn):
+            layer = getattr(attn, name)
+            setattr(attn, name, _linear(_scaled_columns(layer.weight, gates["attn_in"]), layer.bias))
+        attn.proj = _linear(_scaled_columns(attn.proj.weight, gates["attn_out"]), attn.proj.bias)
+        return
+
+    output_norm = not isinstance(parts.norm, nn.Identity)
+    if output_norm:
+        # The norm over the attention output needs every value dim for its statistics.
+        live, widths, v_rows = list(range(parts.heads)), [head_dim] * parts.heads, torch.arange(dim)
+        norm = kept_norm(parts.norm, kept_out) if kept_out.numel() < dim else parts.norm
+    else:
+        counts = torch.bincount(kept_out // head_dim, minlength=parts.heads).tolist()
+        live = [h for h in range(parts.heads) if counts[h] > 0]
+        widths, v_rows, norm = [counts[h] for h in live], kept_out, None
+    qk_rows = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
+    device = parts.proj.weight.device
+    q_rows, v_rows = qk_rows.to(device), v_rows.to(device)
+    (wq, wk, wv) = parts.weights
+    w_qkv = torch.cat([wq[q_rows], wk[q_rows], wv[v_rows]])
+    b_qkv = None
+    if parts.biases is not None:
+        bq, bk, bv = parts.biases
+        b_qkv = torch.cat([bq[q_rows], bk[q_rows], bv[v_rows]])
+    new = PrunedAttention(
+        width if in_index is not None else kept_in.numel(), parts.proj.out_features, head_dim, widths, qkv_bias=b_qkv is not None,
+        proj_bias=parts.proj.bias is not None, q_norm=getattr(attn, "q_norm", None),
+        k_norm=getattr(attn, "k_norm", None), proj_drop=attn.proj_drop.p, scale=attn.scale,
+        rope_prefix_tokens=parts.rope_prefix_tokens, rotate_half=parts.rotate_half,
+        rope_module=parts.rope_module, position_bias=_position_bias(attn, live), norm=norm,
+        gated=parts.gate is not None, gate_bias=parts.gate is not None and parts.gate.bias is not None,
+        in_index=in_index, kept_heads=live, dense_heads=parts.heads, device=device,
+        dtype=parts.proj.weight.dtype)
+    new.qkv.weight.copy_(_scaled_columns(w_qkv, gates["attn_in"]))
+    if b_qkv is not None:
+        new.qkv.bias.copy_(b_qkv)
+    if parts.gate is not None:
+        rows = kept_out.to(device)
+        new.gate.weight.copy_(_scaled_columns(parts.gate.weight[rows], gates["attn_in"]))
+        if parts.gate.bias is not None:
+            new.gate.bias.copy_(parts.gate.bias[rows])
+    new.proj.weight.copy_(_scaled_columns(parts.proj.weight, gates["attn_out"]))
+    if parts.proj.bias is not None:
+        new.proj.bias.copy_(parts.proj.bias)
+    setattr(branch.host, branch.core, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel (fused input projection) branches
+
+
+def _prune_parallel(branch: Branch, gates: Dict[str, Gate]) -> None:
+    raise TypeError(f"{branch.where}: pruning a ParallelScalingBlock is not supported yet")

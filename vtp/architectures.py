@@ -1,0 +1,212 @@
+"""What VTP knows about timm's ViT blocks: their residual branches and where the four sites
+of each branch sit.
+
+A block is a set of residual branches. A branch is pre-norm,
+``x = x + drop_path(scale(core(norm(x))))``, or post-norm,
+``x = x + drop_path(norm(core(x)))``, where the core is an attention module (sites
+``attn_in``: the core's input, ``attn_out``: the input of its output projection) or an MLP
+(sites ``mlp_in``: the input of fc1, ``mlp_hidden``: the input of fc2). Parallel blocks hold
+several branches; timm's ``ParallelScalingBlock`` computes attention and MLP from one fused
+input projection and is one branch of its own kind ("parallel": ``attn_in`` is that shared
+input, ``attn_out`` and ``mlp_hidden`` the inputs of the two output projections).
+
+A site's gate multiplies the input of every linear that reads it (q, k and v projections
+and an attention output gate read the same input, a SwiGLU's two input projections too), so
+those linears share one gate. Gates are named ``blocks.{i}.{site}``, and
+``blocks.{i}.{j}.{site}`` for the j-th branch of a parallel block.
+
+Anything else (grouped-query attention, differential attention, other MLPs or norms) is a
+``TypeError`` that names the module and what was found.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import torch.nn as nn
+from timm.layers import Attention, AttentionRope, GluMlp, Mlp, SwiGLU
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Block as BeitBlock
+from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
+from timm.models.vision_transformer import (Block, ParallelScalingBlock, ParallelThingsBlock,
+                                            ResPostBlock)
+from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock
+from timm.models.vision_transformer_sam import Attention as SamAttention
+from timm.models.vision_transformer_sam import Block as SamBlock
+
+from .modules import is_rms_norm
+
+__all__ = ["SITES", "ATTN_SITES", "MLP_SITES", "PARALLEL_SITES", "Branch", "branches",
+           "check_supported", "site_linears", "head_dim", "parse_gate_name", "attention_input_names"]
+
+SITES: Tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
+ATTN_SITES = ("attn_in", "attn_out")
+MLP_SITES = ("mlp_in", "mlp_hidden")
+PARALLEL_SITES = ("attn_in", "attn_out", "mlp_hidden")
+
+PRE_NORM_BLOCKS = (Block, RelPosBlock, BeitBlock, EvaBlock, SamBlock)
+POST_NORM_BLOCKS = (ResPostBlock, ResPostRelPosBlock, EvaBlockPostNorm)
+ATTENTIONS = (Attention, AttentionRope, EvaAttention, RelPosAttention, BeitAttention, SamAttention)
+MLPS = (Mlp, GluMlp, SwiGLU)
+
+
+@dataclass
+class Branch:
+    """One residual branch of a block, located by attribute names on ``host``."""
+
+    kind: str                   # "attn", "mlp" or "parallel"
+    name: str                   # gate-name prefix: "blocks.3" or "blocks.3.1"
+    host: nn.Module             # the module holding the branch's norm, core and scale
+    core: Optional[str]         # attribute of host: the attention or MLP module (None: host itself)
+    norm: Optional[str] = None       # pre-norm: its output feeds the core
+    post_norm: Optional[str] = None  # post-norm: it normalises the core's output
+    scale: Optional[str] = None      # layer scale: a module (ls1) or a Parameter (gamma_1)
+
+    @property
+    def sites(self) -> Tuple[str, ...]:
+        return {"attn": ATTN_SITES, "mlp": MLP_SITES, "parallel": PARALLEL_SITES}[self.kind]
+
+    def module(self) -> nn.Module:
+        return self.host if self.core is None else getattr(self.host, self.core)
+
+    def gate_name(self, site: str) -> str:
+        return f"{self.name}.{site}"
+
+    @property
+    def where(self) -> str:
+        """The branch's core as the user's model spells it, for error messages."""
+        return f"model.{self.name}.{self.core}" if self.core else f"model.{self.name}"
+
+
+def parse_gate_name(name: str) -> Tuple[int, Optional[int], str]:
+    """``"blocks.3.attn_in"`` -> (3, None, "attn_in"); ``"blocks.3.1.mlp_in"`` -> (3, 1, "mlp_in")."""
+    parts = name.split(".")
+    if len(parts) not in (3, 4) or parts[0] != "blocks" or parts[-1] not in SITES:
+        raise ValueError(f"gate name: expected 'blocks.<i>.<site>' or 'blocks.<i>.<j>.<site>', got {name!r}")
+    return int(parts[1]), (int(parts[2]) if len(parts) == 4 else None), parts[-1]
+
+
+def _blocks(model: nn.Module) -> List[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
+        raise TypeError(f"model: expected a timm ViT with a 'blocks' sequence, got {type(model).__name__}")
+    return list(blocks)
+
+
+def _block_branches(block: nn.Module, i: int) -> List[Branch]:
+    name = f"blocks.{i}"
+    if isinstance(block, PRE_NORM_BLOCKS):
+        scales = ("gamma_1", "gamma_2") if isinstance(block, (EvaBlock, BeitBlock)) else ("ls1", "ls2")
+        return [Branch("attn", name, block, "attn", norm="norm1", scale=scales[0]),
+                Branch("mlp", name, block, "mlp", norm="norm2", scale=scales[1])]
+    if isinstance(block, POST_NORM_BLOCKS):
+        return [Branch("attn", name, block, "attn", post_norm="norm1"),
+                Branch("mlp", name, block, "mlp", post_norm="norm2")]
+    if isinstance(block, ParallelThingsBlock):
+        return ([Branch("attn", f"{name}.{j}", seq, "attn", norm="norm", scale="ls")
+                 for j, seq in enumerate(block.attns)] +
+                [Branch("mlp", f"{name}.{j}", seq, "mlp", norm="norm", scale="ls")
+                 for j, seq in enumerate(block.ffns)])
+    if type(block) is ParallelScalingBlock:
+        return [Branch("parallel", name, block, None, norm="in_norm", scale="ls")]
+    raise TypeError(f"model.blocks[{i}]: VTP prunes timm's pre-norm, post-norm and parallel ViT blocks "
+                    f"(Block, EvaBlock, RelPosBlock, Beit's and SAM's Block, ResPostBlock, "
+                    f"ParallelThingsBlock, ParallelScalingBlock), got {type(block).__name__}")
+
+
+def branches(model: nn.Module) -> Iterator[Branch]:
+    """Every residual branch of every block, in order; a ``TypeError`` for a block VTP does
+    not know."""
+    for i, block in enumerate(_blocks(model)):
+        yield from _block_branches(block, i)
+
+
+def _check_norm(norm: nn.Module, where: str) -> None:
+    if isinstance(norm, nn.Identity):
+        return
+    if isinstance(norm, nn.LayerNorm) or is_rms_norm(norm):
+        if len(tuple(norm.normalized_shape)) != 1:
+            raise TypeError(f"{where}: VTP prunes behind norms over the last dim, got {norm!r}")
+        return
+    raise TypeError(f"{where}: VTP prunes behind LayerNorm and RMS norms, got {type(norm).__name__}")
+
+
+def _check_attention(attn: nn.Module, where: str) -> None:
+    if type(attn) not in ATTENTIONS:
+        raise TypeError(f"{where}: VTP prunes timm's Attention, AttentionRope, EvaAttention, "
+                        f"RelPosAttention and BEiT's and SAM's attention, got {type(attn).__name__}")
+    if getattr(attn, "num_kv_groups", 1) != 1:
+        raise TypeError(f"{where}: grouped-query attention ({attn.num_heads} query heads over "
+                        f"{attn.num_kv_heads} key/value heads) is not supported: a value dim is "
+                        "shared by several heads")
+    _check_norm(getattr(attn, "norm", nn.Identity()), f"{where}.norm")
+
+
+def _check_mlp(mlp: nn.Module, where: str) -> None:
+    if type(mlp) not in MLPS:
+        raise TypeError(f"{where}: VTP prunes timm's Mlp, GluMlp and SwiGLU, got {type(mlp).__name__}")
+    if not isinstance(mlp.fc1 if hasattr(mlp, "fc1") else mlp.fc1_x, nn.Linear):
+        raise TypeError(f"{where}: VTP prunes MLPs of linear layers, not 1x1 convolutions")
+    _check_norm(mlp.norm, f"{where}.norm")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a ``TypeError`` naming the first part of ``model`` that VTP cannot gate or prune.
+
+    A model that ``vtp.prune`` already shrank is a ``ValueError``.
+    """
+    if getattr(model, "vtp_plan", None) is not None:
+        raise ValueError("model: already pruned by vtp.prune; gates and plans apply to the dense model")
+    dims = set()
+    for branch in branches(model):
+        if branch.norm is not None:
+            _check_norm(getattr(branch.host, branch.norm), f"model.{branch.name}.{branch.norm}")
+        if branch.post_norm is not None:
+            _check_norm(getattr(branch.host, branch.post_norm), f"model.{branch.name}.{branch.post_norm}")
+        if branch.kind == "attn":
+            _check_attention(branch.module(), branch.where)
+            dims.add(branch.module().head_dim)
+        elif branch.kind == "mlp":
+            _check_mlp(branch.module(), branch.where)
+        else:
+            if branch.module().out_proj is not None:
+                raise TypeError(f"{branch.where}: a ParallelScalingBlock with one output projection over "
+                                "attention and MLP together (fuse_out_proj) is not supported")
+            dims.add(branch.module().head_dim)
+        if len(dims) > 1:
+            raise TypeError(f"{branch.where}: head_dim {sorted(dims)[-1]} differs from an earlier "
+                            f"block's ({sorted(dims)[0]}); a plan holds one head_dim")
+
+
+def head_dim(model: nn.Module) -> int:
+    for branch in branches(model):
+        if branch.kind in ("attn", "parallel"):
+            return int(branch.module().head_dim)
+    raise TypeError("model: has no attention branch")
+
+
+def attention_input_names(attn: nn.Module) -> List[str]:
+    """The linears of an attention module that read its input: the fused or separate
+    q/k/v projections, and the output gate of gated attention."""
+    names = ["qkv"] if getattr(attn, "qkv", None) is not None else ["q_proj", "k_proj", "v_proj"]
+    if isinstance(getattr(attn, "gate", None), nn.Linear):
+        names.append("gate")
+    return names
+
+
+def site_linears(branch: Branch, site: str) -> List[Tuple[nn.Module, str]]:
+    """The (parent, attribute) of every linear whose input the site's gate multiplies; the
+    first one holds the gate, the others share it."""
+    core = branch.module()
+    if branch.kind == "parallel":
+        attr = {"attn_in": "in_proj", "attn_out": "attn_out_proj", "mlp_hidden": "mlp_out_proj"}[site]
+        return [(core, attr)]
+    if site == "attn_in":
+        return [(core, name) for name in attention_input_names(core)]
+    if site == "attn_out":
+        return [(core, "proj")]
+    if site == "mlp_in":
+        return [(core, name) for name in (("fc1",) if hasattr(core, "fc1") else ("fc1_g", "fc1_x"))]
+    if site == "mlp_hidden":
+        return [(core, "fc2")]
+    raise ValueError(f"site: expected one of {SITES}, got {site!r}")
