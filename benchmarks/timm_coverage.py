@@ -69,20 +69,35 @@ def family(name: str) -> str:
 
 
 def _patch(model) -> int:
-    size = getattr(model.patch_embed, "patch_size", None) or (16, 16)
+    """Pixels per token: the patch size, or a hybrid stem's whole stride."""
+    embed = getattr(model, "patch_embed", None) or model.embeds
+    if getattr(embed, "grid_size", None) is not None and getattr(embed, "img_size", None) is not None:
+        return int(embed.img_size[0] // embed.grid_size[0])
+    size = embed.patch_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def build(name: str):
     """Depth 2, an image of 4 x 4 patches, float64, eval mode."""
-    probe = timm.create_model(name, pretrained=False, depth=2)
+    try:
+        depth = {"depth": 2}
+        probe = timm.create_model(name, pretrained=False, **depth)
+    except AssertionError:  # per-block settings (lists of one entry per block) fix the depth
+        depth = {}
+        probe = timm.create_model(name, pretrained=False)
     size = 4 * _patch(probe)
     try:
-        model = timm.create_model(name, pretrained=False, depth=2, img_size=size)
+        model = timm.create_model(name, pretrained=False, img_size=size, **depth)
     except TypeError:
-        model = probe
-        size = tuple(probe.patch_embed.img_size)[0] if hasattr(probe.patch_embed, "img_size") else size
-    return model.double().eval(), size
+        model, size = probe, vtp.profile(probe).img_size[0]
+    model = model.double().eval()
+    # Random everywhere: a zero-initialised head or a layer scale of 1e-5 would hide a
+    # pruning error behind outputs that barely depend on the blocks.
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    return model, size
 
 
 def randomize(model, seed: int = 0) -> None:

@@ -37,7 +37,7 @@ from timm.models.vision_transformer_sam import Block as SamBlock
 from .modules import is_rms_norm
 
 __all__ = ["SITES", "ATTN_SITES", "MLP_SITES", "PARALLEL_SITES", "Branch", "branches",
-           "check_supported", "site_linears", "head_dim", "parse_gate_name", "attention_input_names"]
+           "check_supported", "site_linears", "head_dim", "attention_head_dim", "parse_gate_name", "attention_input_names"]
 
 SITES: Tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 ATTN_SITES = ("attn_in", "attn_out")
@@ -165,23 +165,30 @@ def check_supported(model: nn.Module) -> None:
             _check_norm(getattr(branch.host, branch.post_norm), f"model.{branch.name}.{branch.post_norm}")
         if branch.kind == "attn":
             _check_attention(branch.module(), branch.where)
-            dims.add(branch.module().head_dim)
+            dims.add(attention_head_dim(branch.module()))
         elif branch.kind == "mlp":
             _check_mlp(branch.module(), branch.where)
         else:
             if branch.module().out_proj is not None:
                 raise TypeError(f"{branch.where}: a ParallelScalingBlock with one output projection over "
                                 "attention and MLP together (fuse_out_proj) is not supported")
-            dims.add(branch.module().head_dim)
+            dims.add(attention_head_dim(branch.module()))
         if len(dims) > 1:
             raise TypeError(f"{branch.where}: head_dim {sorted(dims)[-1]} differs from an earlier "
                             f"block's ({sorted(dims)[0]}); a plan holds one head_dim")
 
 
+def attention_head_dim(attn: nn.Module) -> int:
+    """Width of one attention head's queries (BEiT's attention keeps it in its projection only)."""
+    if hasattr(attn, "head_dim"):
+        return int(attn.head_dim)
+    return attn.proj.in_features // attn.num_heads
+
+
 def head_dim(model: nn.Module) -> int:
     for branch in branches(model):
         if branch.kind in ("attn", "parallel"):
-            return int(branch.module().head_dim)
+            return attention_head_dim(branch.module())
     raise TypeError("model: has no attention branch")
 
 

@@ -61,6 +61,11 @@ def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
                 continue
             gated = GatedLinear.from_linear(first)
             setattr(first_parent, first_attr, gated)
+            if getattr(first_parent, "q_bias", None) is not None and first_attr == "qkv":
+                # EVA's and BEiT's attention add their q/v biases by calling F.linear on
+                # qkv.weight, which would bypass the gate; adding them after qkv(x) is the
+                # same sum and goes through it.
+                first_parent.qkv_bias_separate = True
             for parent, attr in linears[1:]:
                 setattr(parent, attr, GatedLinear.from_linear(getattr(parent, attr), gate=gated.gate))
     return model

@@ -16,7 +16,6 @@ into place, so an interruption leaves either the old directory or the new one.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,26 +26,21 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, PatchDropout
 
 from .atomic import replace_directory, write_json
 from .gates import SITES, add_gates, gates
 from .plan import PruningPlan
 from .prune import prune
+from .rebuild import build, describe, read_drop_path_rate
 
-__all__ = ["save", "load", "read_config", "is_model_dir", "SavedConfig", "architecture_config",
-           "build_model"]
+__all__ = ["save", "load", "read_config", "is_model_dir", "SavedConfig", "build_model"]
 
 MODEL_FORMAT = "vtp-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1 named timm classes only; 2 also timm architecture names
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-# Classes load() may instantiate: a config names one of these, never arbitrary code.
-ARCHITECTURES = {
-    "timm.models.vision_transformer.VisionTransformer": ("timm.models.vision_transformer", "VisionTransformer"),
-    "timm.models.deit.VisionTransformerDistilled": ("timm.models.deit", "VisionTransformerDistilled"),
-}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -82,86 +76,29 @@ class SavedConfig:
         return bool(self.gated_sites) and self.plan is None
 
 
-def _class_path(model: nn.Module) -> str:
-    cls = type(model)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def architecture_config(model: nn.Module) -> dict:
-    """``{"architecture": class path, "model_args": kwargs}`` that rebuild ``model``'s dense form.
-
-    Read off a dense or gated timm ViT. Raises ``TypeError`` when the model uses an option
-    these arguments cannot express (``save`` also checks the rebuilt model matches).
-    """
-    path = _class_path(model)
-    if path not in ARCHITECTURES:
-        raise TypeError(f"model: cannot save a {type(model).__name__}; supported: {', '.join(ARCHITECTURES)}")
-    b0 = model.blocks[0]
-    dim = model.embed_dim
-    hidden = b0.mlp.fc1.out_features
-    mlp_ratio = hidden / dim
-    if int(dim * mlp_ratio) != hidden:
-        raise TypeError(f"model: MLP width {hidden} is not expressible as embed_dim * mlp_ratio")
-    args = dict(
-        img_size=list(model.patch_embed.img_size),
-        patch_size=list(model.patch_embed.patch_size),
-        in_chans=model.patch_embed.proj.in_channels,
-        num_classes=model.num_classes,
-        global_pool=model.global_pool,
-        pool_include_prefix=model.pool_include_prefix,
-        embed_dim=dim,
-        depth=len(model.blocks),
-        num_heads=b0.attn.num_heads,
-        mlp_ratio=mlp_ratio,
-        qkv_bias=b0.attn.qkv.bias is not None,
-        qk_norm=not isinstance(b0.attn.q_norm, nn.Identity),
-        proj_bias=b0.attn.proj.bias is not None,
-        init_values=1.0 if isinstance(b0.ls1, LayerScale) else None,
-        class_token=model.cls_token is not None,
-        reg_tokens=model.num_reg_tokens,
-        no_embed_class=model.no_embed_class,
-        pos_embed="learn" if model.pos_embed is not None else "none",
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        final_norm=not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
-        fc_norm=not isinstance(model.fc_norm, nn.Identity),
-        dynamic_img_size=model.dynamic_img_size,
-        dynamic_img_pad=model.patch_embed.dynamic_img_pad,
-        proj_drop_rate=b0.attn.proj_drop.p,
-        attn_drop_rate=b0.attn.attn_drop.p,
-        **_drop_rates(model),
-    )
-    return {"architecture": path, "model_args": args}
-
-
-def _drop_rates(model: nn.Module) -> dict:
-    """The dropout and stochastic-depth rates that pruning leaves in place (and that
-    fine-tuning may change): head, position, patch dropout and drop path."""
-    last = model.blocks[-1]
-    return dict(
-        drop_rate=model.head_drop.p,
-        pos_drop_rate=model.pos_drop.p,
-        patch_drop_rate=model.patch_drop.prob if isinstance(model.patch_drop, PatchDropout) else 0.0,
-        drop_path_rate=last.drop_path1.drop_prob if isinstance(last.drop_path1, DropPath) else 0.0,
-    )
+def _field(config: dict, key: str, check, expected: str, default=None):
+    value = config.get(key, default)
+    if not check(value):
+        raise ValueError(f"config: {key}: expected {expected}, got {value!r}")
+    return value
 
 
 def build_model(config: dict) -> nn.Module:
-    """Rebuild a model (dense, gated or pruned) from a ``config.json`` dict, without weights."""
-    arch = config.get("architecture")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"config: architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
-    module, name = ARCHITECTURES[arch]
-    cls = getattr(importlib.import_module(module), name)
-    args = dict(config["model_args"])
-    for key in ("img_size", "patch_size"):
-        args[key] = tuple(args[key])
-    model = cls(**args, weight_init="skip")
-    if config.get("gated_sites"):
-        add_gates(model, config["gated_sites"])
-    if config.get("plan") is not None:
-        model = prune(model, PruningPlan.from_dict(config["plan"]), fold=bool(config.get("fold", True)))
-    dtype = getattr(torch, config.get("dtype", "float32").replace("torch.", ""))
-    return model.to(dtype)
+    """Rebuild a model (dense, gated or pruned) from a ``config.json`` dict, without weights.
+    A field of the wrong type is a ``ValueError`` naming it."""
+    dtype = _field(config, "dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", "float32")
+    sites = _field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in SITES for s in v),
+                   f"a list of sites among {', '.join(SITES)}", [])
+    fold = _field(config, "fold", lambda v: isinstance(v, bool), "true or false", True)
+    plan = config.get("plan")
+    if plan is not None and not isinstance(plan, dict):
+        raise ValueError(f"config: plan: expected an object or null, got {plan!r}")
+    model = build({"architecture": config.get("architecture"), "model_args": config.get("model_args")})
+    if sites:
+        add_gates(model, sites)
+    if plan is not None:
+        model = prune(model, PruningPlan.from_dict(plan), fold=fold)
+    return model.to(getattr(torch, dtype))
 
 
 def _sha256(path: Path) -> str:
@@ -176,17 +113,17 @@ def _describe(model: nn.Module) -> dict:
     plan = getattr(model, "vtp_plan", None)
     if plan is not None:
         # The pruned model's own modules no longer say what the dense one was: describe the
-        # structure vtp.prune recorded, with the rates fine-tuning may have changed since.
+        # structure vtp.prune recorded, with the drop-path rate fine-tuning may have set.
         try:
-            base = architecture_config(model.vtp_pruned_from.dense)
+            base = describe(model.vtp_pruned_from.dense)
         except TypeError as e:
             raise TypeError(f"model: pruned from a model whose architecture cannot be described for "
                             f"vtp.load ({e})") from None
-        base["model_args"] = {**base["model_args"], **_drop_rates(model)}
+        base["model_args"]["drop_path_rate"] = read_drop_path_rate(model)
         sites = sorted({n.split(".")[-1] for n in plan.kept}, key=SITES.index)
         base.update(gated_sites=sites, plan=plan.to_dict(), fold=model.vtp_pruned_from.fold)
     else:
-        base = architecture_config(model)
+        base = describe(model)
         sites = sorted({n.split(".")[-1] for n in gates(model)}, key=SITES.index)
         base.update(gated_sites=sites, plan=None)
     return base
@@ -218,7 +155,15 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
         except TypeError as e:
             raise TypeError(f"metadata: must be JSON-serialisable ({e})") from None
     config = {"format": MODEL_FORMAT, "version": MODEL_VERSION, **_describe(model)}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, storages = {}, set()
+    for k, v in model.state_dict().items():
+        t = v.detach().contiguous().cpu()
+        # safetensors refuses tensors that share memory: a gate shared by q, k and v
+        # projections is written under each of their names, as three copies.
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        state[k] = t
     config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     _check_rebuild(model, config, state)
     config["metadata"] = metadata or {}
@@ -277,8 +222,9 @@ def _read_config_file(path: Path) -> dict:
         raise ValueError(f"{config_path}: not valid JSON ({e}); the file is truncated or altered") from None
     if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
         raise ValueError(f"{config_path}: not a vtp model config (format != {MODEL_FORMAT!r})")
-    if config.get("version") != MODEL_VERSION:
-        raise ValueError(f"{config_path}: unsupported version {config.get('version')!r}")
+    if config.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{config_path}: unsupported version {config.get('version')!r} "
+                         f"(this vtp reads {', '.join(map(str, READABLE_VERSIONS))})")
     return config
 
 
@@ -323,7 +269,7 @@ def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.devi
         raise ValueError(f"{weights}: SHA-256 does not match config.json; the file is altered or corrupt")
     try:
         model = build_model(config)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: cannot rebuild the model ({e})") from None
     try:
         state = safetensors.torch.load_file(str(weights), device=str(map_location))

@@ -28,7 +28,7 @@ from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 import vtp_kernels
 
 __all__ = ["GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
-           "ConstantBranch", "HeadsOfPositionBias", "TablePositionBias", "DecomposedPositionBias"]
+           "PrunedParallelBlock", "ConstantBranch", "HeadsOfPositionBias", "TablePositionBias", "DecomposedPositionBias"]
 
 
 class GatedLinear(nn.Linear):
@@ -332,6 +332,7 @@ class PrunedAttention(nn.Module):
         if self.rope is not None:
             rope = self.rope.get_embed()
         if rope is not None and self.rope_prefix_tokens is not None:
+            rope = _select_heads(rope, self.kept_heads, self.dense_heads)  # per-head RoPE (mixed)
             q, k = self._rotate(q, rope), self._rotate(k, rope)
 
         bias = None
@@ -349,6 +350,67 @@ class PrunedAttention(nn.Module):
     def extra_repr(self) -> str:
         rope = f", rope after {self.rope_prefix_tokens} tokens" if self.rope_prefix_tokens is not None else ""
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{rope}"
+
+
+class PrunedParallelBlock(nn.Module):
+    """timm's ``ParallelScalingBlock`` after pruning: one input projection computes the MLP's
+    kept hidden features and the attention's queries, keys and packed values; the two output
+    projections read what each kept. A part left with nothing (no value dim, no hidden
+    feature) adds its output bias, held in ``constant``, with the layer scale applied after.
+
+    ``x = x + drop_path(ls(attn_out_proj(attention) + mlp_out_proj(act(mlp)) + constant))``
+    """
+
+    def __init__(self, dim: int, in_features: int, head_dim: int, v_widths: Sequence[int], mlp_hidden: int,
+                 in_norm: nn.Module, in_proj_bias: bool, mlp_bias: bool, proj_bias: bool,
+                 q_norm: Optional[nn.Module], k_norm: Optional[nn.Module], mlp_act: nn.Module,
+                 mlp_drop: float, ls: nn.Module, drop_path: nn.Module, scale: float, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.v_widths = tuple(int(w) for w in v_widths)
+        self.num_heads = len(self.v_widths)
+        self.head_dim = head_dim
+        self.qk_dim = self.num_heads * head_dim
+        self.v_dim = sum(self.v_widths)
+        self.mlp_hidden = mlp_hidden
+        self.scale = scale
+        self.in_split = [mlp_hidden, self.qk_dim, self.qk_dim, self.v_dim]
+        self.in_norm = in_norm
+        self.in_proj = nn.Linear(in_features, sum(self.in_split), bias=in_proj_bias, **dd)
+        self.mlp_bias = nn.Parameter(torch.zeros(mlp_hidden, **dd)) if mlp_bias else None
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        self.mlp_act = mlp_act
+        self.mlp_drop = nn.Dropout(mlp_drop)
+        self.attn_out_proj = nn.Linear(self.v_dim, dim, bias=proj_bias, **dd) if self.v_dim else None
+        self.mlp_out_proj = nn.Linear(mlp_hidden, dim, bias=proj_bias, **dd) if mlp_hidden else None
+        self.constant = nn.Parameter(torch.zeros(dim, **dd))
+        self.ls = ls
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if is_causal:
+            raise NotImplementedError("PrunedParallelBlock: is_causal is not supported")
+        B, N, _ = x.shape
+        x_mlp, q, k, v = torch.split(self.in_proj(self.in_norm(x)), self.in_split, dim=-1)
+        y = self.constant
+        if self.mlp_out_proj is not None:
+            if self.mlp_bias is not None:
+                x_mlp = x_mlp + self.mlp_bias
+            y = y + self.mlp_out_proj(self.mlp_drop(self.mlp_act(x_mlp)))
+        if self.attn_out_proj is not None:
+            q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+            k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+            out = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=attn_mask)
+            y = y + self.attn_out_proj(out)
+        if y.dim() == 1:  # every part constant: a layer scale may work in place
+            y = y.expand_as(x).contiguous()
+        return x + self.drop_path(self.ls(y))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}, " \
+               f"mlp_hidden={self.mlp_hidden}"
 
 
 class ConstantBranch(nn.Module):

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import ParallelScalingBlock
 
-from .architectures import ATTENTIONS
-from .modules import PrunedAttention
+from .architectures import ATTENTIONS, attention_head_dim
+from .modules import PrunedAttention, PrunedParallelBlock
 
 __all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_size"]
 
@@ -76,6 +76,9 @@ def default_img_size(model: nn.Module) -> Tuple[int, int]:
     """The image size ``model`` was built for."""
     embed = _embed(model)
     size = getattr(embed, "img_size", None) or getattr(embed, "default_img_size", None)
+    if size is None and getattr(embed, "pos_embed_grid_size", None) is not None:
+        # NaFlex ViTs take any size; their position table is laid out for this one
+        size = tuple(g * p for g, p in zip(embed.pos_embed_grid_size, _pair(embed.patch_size)))
     if size is None:
         raise TypeError(f"model: cannot tell the image size of {type(embed).__name__}")
     return _pair(size)
@@ -91,9 +94,9 @@ def _embed(model: nn.Module) -> nn.Module:
 
 def _attention_dims(m: nn.Module) -> Tuple[int, int]:
     """(query/key width, value width) of an attention module, summed over its heads."""
-    if isinstance(m, PrunedAttention):
+    if isinstance(m, (PrunedAttention, PrunedParallelBlock)):
         return m.qk_dim, m.v_dim
-    dim = m.num_heads * m.head_dim
+    dim = m.num_heads * attention_head_dim(m) if not isinstance(m, ParallelScalingBlock) else m.in_split[1]
     return dim, dim
 
 
@@ -135,7 +138,7 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
             handles.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, ATTENTIONS + (PrunedAttention, ParallelScalingBlock)):
+        elif isinstance(m, ATTENTIONS + (PrunedAttention, ParallelScalingBlock, PrunedParallelBlock)):
             handles.append(m.register_forward_hook(attention_hook))
     was_training = model.training
     ref = next(model.parameters())

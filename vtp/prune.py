@@ -36,9 +36,9 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.vision_transformer_relpos import RelPosAttention
 from timm.models.vision_transformer_sam import Attention as SamAttention
 
-from .architectures import Branch, attention_input_names, branches, check_supported, site_linears
+from .architectures import Branch, attention_head_dim, attention_input_names, branches, check_supported, site_linears
 from .modules import (ConstantBranch, DecomposedPositionBias, GatedLinear, HeadsOfPositionBias,
-                      IndexedLinear, PrunedAttention, TablePositionBias, kept_norm)
+                      IndexedLinear, PrunedAttention, PrunedParallelBlock, TablePositionBias, kept_norm)
 from .plan import PruningPlan
 
 __all__ = ["prune", "PrunedFrom"]
@@ -91,8 +91,11 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
         for branch in list(branches(pruned)):
             effective = {site: _effective_gate(branch, site, plan, fold) for site in branch.sites}
             before = set(branch.host.modules())
-            {"attn": _prune_attention, "mlp": _prune_mlp, "parallel": _prune_parallel}[branch.kind](
-                branch, effective)
+            replacement = {"attn": _prune_attention, "mlp": _prune_mlp, "parallel": _prune_parallel}[
+                branch.kind](branch, effective)
+            if replacement is not None:  # a whole block made anew
+                replacement.train(branch.host.training)
+                pruned.blocks[int(branch.name.split(".")[1])] = replacement
             for m in branch.host.modules():  # the modules pruning made take the block's mode
                 if m not in before:
                     m.training = branch.host.training
@@ -227,7 +230,7 @@ class _AttentionParts:
 
 
 def _attention_parts(attn: nn.Module) -> _AttentionParts:
-    heads, head_dim = attn.num_heads, attn.head_dim
+    heads, head_dim = attn.num_heads, attention_head_dim(attn)
     dim = heads * head_dim
     if getattr(attn, "qkv", None) is not None:
         w = attn.qkv.weight
@@ -346,5 +349,49 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate]) -> None:
 # Parallel (fused input projection) branches
 
 
-def _prune_parallel(branch: Branch, gates: Dict[str, Gate]) -> None:
-    raise TypeError(f"{branch.where}: pruning a ParallelScalingBlock is not supported yet")
+def _prune_parallel(branch: Branch, gates: Dict[str, Gate]) -> nn.Module:
+    """A ParallelScalingBlock becomes a PrunedParallelBlock (returned: it replaces the block)."""
+    block = branch.host
+    (kept_in, g_in), (kept_out, g_out), (kept_hidden, g_hidden) = (
+        gates["attn_in"], gates["attn_out"], gates["mlp_hidden"])
+    hidden, dim = block.in_split[0], block.in_split[1]
+    heads, head_dim = block.num_heads, block.head_dim
+    w, b = block.in_proj.weight, block.in_proj.bias
+    device = w.device
+    if kept_in.numel() == 0:
+        kept_out = kept_hidden = kept_in  # the input feeds nothing: every part is its bias
+    counts = torch.bincount(kept_out // head_dim, minlength=heads).tolist()
+    live = [h for h in range(heads) if counts[h] > 0]
+    qk = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
+    rows = torch.cat([kept_hidden, hidden + qk, hidden + dim + qk, hidden + 2 * dim + kept_out]).to(device)
+    width = w.shape[1]
+    narrowed = 0 < kept_in.numel() < width
+    new = PrunedParallelBlock(
+        block.attn_out_proj.out_features, kept_in.numel() if narrowed else width, head_dim,
+        [counts[h] for h in live], kept_hidden.numel(),
+        kept_norm(block.in_norm, kept_in) if narrowed else block.in_norm, b is not None,
+        block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, block.k_norm,
+        block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale,
+        device=device, dtype=w.dtype)
+    new.in_proj.weight.copy_(_scaled_columns(w[rows], gates["attn_in"]) if narrowed else w[rows] * g_in)
+    if b is not None:
+        new.in_proj.bias.copy_(b[rows])
+    if block.mlp_bias is not None:
+        new.mlp_bias.copy_(block.mlp_bias[kept_hidden.to(device)])
+    constant = torch.zeros_like(new.constant)
+    if kept_in.numel() == 0:
+        # V is its bias, so attention outputs it; the MLP sees its bias through the activation.
+        mlp_in = b[:hidden] if b is not None else block.mlp_bias
+        v = b[hidden + 2 * dim:] if b is not None else w.new_zeros(dim)
+        constant += F.linear(block.mlp_act(mlp_in) * g_hidden, block.mlp_out_proj.weight)
+        constant += F.linear(v * g_out, block.attn_out_proj.weight)
+    for proj, kept, gate, part in ((block.attn_out_proj, kept_out, gates["attn_out"], new.attn_out_proj),
+                                   (block.mlp_out_proj, kept_hidden, gates["mlp_hidden"], new.mlp_out_proj)):
+        if part is None:
+            constant += proj.bias if proj.bias is not None else 0
+            continue
+        part.weight.copy_(_scaled_columns(proj.weight, (kept, gate[1])))
+        if proj.bias is not None:
+            part.bias.copy_(proj.bias)
+    new.constant.copy_(constant)
+    return new
