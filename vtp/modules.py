@@ -31,7 +31,16 @@ __all__ = ["GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "Prun
            "PrunedParallelBlock", "ConstantBranch", "HeadsOfPositionBias", "TablePositionBias", "DecomposedPositionBias"]
 
 
-class GatedLinear(nn.Linear):
+class _NotScriptable:
+    """torch.jit.script cannot compile the backend switch of vtp_kernels; say what works."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"{type(self).__name__}: VTP's modules do not support torch.jit.script; use "
+                           "torch.export (vtp export --format pt2), torch.onnx (vtp export --format onnx), "
+                           "torch.jit.trace or torch.compile")
+
+
+class GatedLinear(_NotScriptable, nn.Linear):
     """``nn.Linear`` with a learnable score per input dimension: ``y = (x * gate) W^T + b``.
 
     A drop-in replacement for ``nn.Linear``: same constructor, same ``weight``/``bias``
@@ -73,7 +82,7 @@ def _check_index(index: torch.Tensor, dim: int) -> torch.Tensor:
     return index
 
 
-class _KeptNorm(nn.Module):
+class _KeptNorm(_NotScriptable, nn.Module):
     """What the kept-column norms share: the full width, the kept indices, the affine
     parameters of the kept columns only."""
 
@@ -151,7 +160,7 @@ class KeptRmsNorm(_KeptNorm):
         return y * self.weight if self.weight is not None else y
 
 
-class IndexedLinear(nn.Linear):
+class IndexedLinear(_NotScriptable, nn.Linear):
     """A linear layer that reads only the input columns in ``in_index``: what a pruned linear
     becomes where no norm in front of it can emit just the kept columns (post-norm blocks)."""
 
@@ -237,7 +246,7 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-class PrunedAttention(nn.Module):
+class PrunedAttention(_NotScriptable, nn.Module):
     """Multi-head self-attention whose heads keep different numbers of value dims.
 
     ``qkv`` emits ``[Q of every head | K of every head | V packed head by head]``:
@@ -352,7 +361,7 @@ class PrunedAttention(nn.Module):
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{rope}"
 
 
-class PrunedParallelBlock(nn.Module):
+class PrunedParallelBlock(_NotScriptable, nn.Module):
     """timm's ``ParallelScalingBlock`` after pruning: one input projection computes the MLP's
     kept hidden features and the attention's queries, keys and packed values; the two output
     projections read what each kept. A part left with nothing (no value dim, no hidden
@@ -413,7 +422,7 @@ class PrunedParallelBlock(nn.Module):
                f"mlp_hidden={self.mlp_hidden}"
 
 
-class ConstantBranch(nn.Module):
+class ConstantBranch(_NotScriptable, nn.Module):
     """A residual branch that pruning made independent of its input.
 
     When every input or every hidden dim of an attention or MLP branch is pruned,
