@@ -81,7 +81,8 @@ def test_two_processes_run_the_whole_pipeline(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vtp.app"] + flags(
         ["run", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size", "5",
-         "--num-classes", "3", "-b", "2", "--accum-steps", "2", "--sparse-epochs", "1",
+         "--num-classes", "3", "-b", "2", "--accum-steps", "2", "--train-epochs", "1",
+         "--sparse-epochs", "1",
          "--finetune-epochs", "1", "--bench-steps", "0", "--save-every", "0", "--plan", str(plan),
          "--output", str(out)], TINY_MODEL, FAST)
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
