@@ -99,3 +99,19 @@ def test_every_stage_that_builds_a_model_takes_pretrained():
     assert subs["run"].get_default("train_epochs") == 0
     assert {"--distill", "--teacher", "--distill-type", "--distill-alpha", "--distill-tau"} <= \
         {o for a in subs["finetune"]._actions for o in a.option_strings}
+
+
+def test_pretrained_from_the_hub_fails_with_a_clear_message(capsys, tmp_path, monkeypatch):
+    """--pretrained without a file goes to timm's hub loader; here a stand-in for it fails as
+    it would without network or cache (no test touches the network)."""
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", offline)
+    monkeypatch.setattr(builder, "load_state_dict_from_url", offline)
+    out = tmp_path / "o"
+    err = _error(capsys, flags(["train", "--synthetic", "--pretrained", "-o", str(out)], TINY_MODEL, FAST))
+    assert "--pretrained: cannot load vit_tiny_patch16_224's weights from timm's hub" in err
+    assert "--pretrained-path FILE" in err
