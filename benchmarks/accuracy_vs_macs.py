@@ -132,7 +132,7 @@ def optimizer(model, lr: float, gate_lr: float = 0.0):
 
 def fine_tune(model, train_data, args, seed: int, teacher=None) -> None:
     distiller = Distiller(teacher, "soft", args.distill_alpha, args.distill_tau) if teacher is not None else None
-    train(model, train_data, args.finetune_epochs, optimizer(model, args.lr / 4),
+    train(model, train_data, args.finetune_epochs, optimizer(model, args.finetune_lr),
           batch_size=args.batch_size, seed=seed, desc="fine-tune", progress=False, distiller=distiller)
 
 
@@ -334,7 +334,8 @@ def parse_args(argv=None):
                    help="fine-tuning epochs of every pruned model (default: 5; 1 with --smoke)")
     p.add_argument("--lam", type=float, default=2e-4, help="weight of VTP's L1 gate penalty")
     p.add_argument("--lr", type=float, default=2e-3,
-                   help="AdamW lr of dense training; sparse training and fine-tuning use a quarter")
+                   help="peak AdamW lr of dense training; sparse training uses a quarter")
+    p.add_argument("--finetune-lr", type=float, default=5e-4, help="peak AdamW lr of every fine-tuning")
     p.add_argument("--gate-lr", type=float, default=1e-2, help="AdamW lr of the gates in sparse training")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--distill", nargs="+", type=lambda s: s.lower() in ("1", "true", "yes", "on", "kd"),

@@ -224,7 +224,9 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
     """Optimisation flags. `prefix` ("train-", "sparse-", "finetune-") names the per-stage
     flags of `vtp run`; `shared=False` leaves out the flags the stages share;
     `optional_stage` lets --<prefix>epochs be 0 (the stage is skipped)."""
-    title = f"{prefix.rstrip('-')} training" if prefix else "training (DeiT recipe)"
+    titles = {"train-": "dense training (the run's first stage, when --train-epochs > 0)",
+              "sparse-": "sparse training", "finetune-": "fine-tuning"}
+    title = titles.get(prefix, f"{prefix.rstrip('-')} training") if prefix else "training (DeiT recipe)"
     group = parser.add_argument_group(title)
     if optional_stage:
         group.add_argument(f"--{prefix}epochs", type=_non_negative_int, default=defaults["epochs"],
