@@ -237,8 +237,9 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(["model", "top-1 %", "params (M)", "MACs (M)", "CPU images/s"], rows))
     how = (f"distilled from the dense model (alpha {args.distill_alpha}, tau {args.distill_tau})"
            if args.distill else "without distillation")
-    print(f"\npruned to {pruning_plan.rule.get('flops_target', 1 - pruning_plan.pruned_ratio):.2f} "
-          f"{'of the MACs' if args.ratio is None else 'of the gated dims'}, fine-tuned {how}")
+    budget = (f"a budget of {args.flops_target:.2f} of the dense MACs" if args.ratio is None
+              else f"{100 * args.ratio:.0f} % of the gated dims at one threshold")
+    print(f"\npruned to {budget}, fine-tuned {how}")
     print(f"before fine-tuning the pruned model scored {100 * pruned_acc_before:.2f} %; "
           f"MACs x{dense_profile.macs / pruned_profile.macs:.2f} fewer, "
           f"CPU speed-up x{pruned_speed['images_per_s'] / dense_speed['images_per_s']:.2f} "
