@@ -46,6 +46,18 @@ def make_image_folder(root: Path, classes: int = 4, train_per_class: int = 8,
     return root
 
 
+def tiny_dense_checkpoint(path: Path, num_classes: int = 4) -> Path:
+    """A timm checkpoint file of TINY_MODEL: what `vtp run` and `vtp sparse-train` start from
+    when a test is about the pipeline's mechanics, not about accuracy."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
+                              img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
 def state_dict_of(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -12,7 +12,7 @@ import yaml
 import vtp
 from vtp.app import cli
 
-from cli_helpers import FAST, TINY_MODEL, flags
+from cli_helpers import FAST, TINY_MODEL, flags, tiny_dense_checkpoint
 from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 TRAIN = ["-b", "8", "--save-every", "0", "--log-every", "2"]
@@ -28,8 +28,9 @@ def full_run(tmp_path_factory, data_dir):
     config.write_text(yaml.safe_dump({"sparse-epochs": 1, "finetune_epochs": 3, "ratio": 0.25,
                                       "bench_steps": 2, "bench-batch-size": 4}))
     out = root / "run"
+    dense = tiny_dense_checkpoint(root / "dense.pth")
     argv = flags(["run", "--config", str(config), "--data", str(data_dir), "--output", str(out),
-                  "--finetune-epochs", "1"], TINY_MODEL, FAST, TRAIN)
+                  "--finetune-epochs", "1", "--checkpoint", str(dense)], TINY_MODEL, FAST, TRAIN)
     assert cli.main(argv + ["--stop-after-steps", "2"]) == 0
     assert (out / "sparse-train" / "checkpoints" / "last.pt").is_file()
     assert not (out / "sparse-train" / "model").exists() and not (out / "prune").exists()

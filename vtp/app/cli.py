@@ -1,8 +1,9 @@
 """The ``vtp`` command: VTP's stages on ImageNet-style data, on one GPU or many (torchrun).
 
+    vtp train         a dense timm ViT trained or fine-tuned on the data: the model to prune
     vtp sparse-train  dense timm ViT + gates, trained with task loss + lambda * sum|gate|
     vtp prune         a plan from the gate values, then a physically smaller model
-    vtp finetune      the pruned model, trained without the penalty
+    vtp finetune      the pruned model, trained without the penalty (--distill: with a teacher)
     vtp eval          accuracy, parameters, MACs and images/s of a saved model
     vtp report        dense vs pruned table and plots of a run
     vtp run           all of the above in one run directory
@@ -22,13 +23,14 @@ import vtp
 
 from . import demo, distributed, models, report
 from .errors import VTPError
-from .flags import (FINETUNE_DEFAULTS, SPARSE_DEFAULTS, HelpFormatter, add_config_arg,
-                    add_data_args, add_eval_args, add_model_args, add_output_args, add_prune_args,
-                    add_system_args, add_train_args, apply_yaml_config, find_config_path,
-                    first_positional, positive_int)
-from .stages import (Context, check_fresh_or_resume, check_prune_args, check_source, precheck,
+from .flags import (FINETUNE_DEFAULTS, SPARSE_DEFAULTS, TRAIN_DEFAULTS, HelpFormatter,
+                    add_config_arg, add_data_args, add_distill_args, add_eval_args, add_model_args,
+                    add_output_args, add_prune_args, add_system_args, add_train_args,
+                    apply_yaml_config, find_config_path, first_positional, positive_int)
+from .stages import (Context, check_fresh_or_resume, check_prune_args, check_run_teacher,
+                     check_source, check_trained_start, finetune_teacher, precheck,
                      resolve_source, stage_eval, stage_eval_dense, stage_finetune, stage_prune,
-                     stage_sparse_train, write_stage_config)
+                     stage_sparse_train, stage_train, write_stage_config)
 
 __all__ = ["main", "build_parser"]
 
@@ -51,8 +53,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     """The `vtp` parser and its sub-command parsers by name."""
     parser = argparse.ArgumentParser(
         prog="vtp", formatter_class=HelpFormatter,
-        description="Vision Transformer Pruning (Zhu, Tang, Han 2021) for timm ViTs: sparse "
-                    "training, pruning, fine-tuning, evaluation and reports.",
+        description="Vision Transformer Pruning (Zhu, Tang, Han 2021) for timm ViTs: dense and "
+                    "sparse training, pruning, fine-tuning (with distillation), evaluation and "
+                    "reports.",
         epilog="Multi-GPU: torchrun --nproc_per_node 8 -m vtp.app run ... (or the `vtp` script).\n"
                "Every command takes --config x.yaml; flags on the command line override it.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -64,6 +67,21 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
              "MNIST digits shipped with the package; prints a dense vs pruned table.")
     add_config_arg(p)
     demo.add_arguments(p)
+
+    p = _sub(sub, subs, "train", cmd_train,
+             "train or fine-tune a dense model: the trained model VTP starts from",
+             "Dense training: an ordinary timm model trained on the ImageFolder, from random "
+             "weights, from timm's pretrained weights (--pretrained) or from a local checkpoint "
+             "(--checkpoint; --reset-head for another class count), with the DeiT recipe. "
+             "Writes model/ for `vtp sparse-train --checkpoint DIR/model` or `vtp run "
+             "--checkpoint DIR/model`.")
+    add_config_arg(p)
+    add_data_args(p)
+    add_model_args(p)
+    add_train_args(p, TRAIN_DEFAULTS)
+    add_eval_args(p, bench=False)
+    add_system_args(p)
+    add_output_args(p, "train")
 
     p = _sub(sub, subs, "sparse-train", cmd_sparse_train,
              "train a dense model with gates and the L1 gate penalty",
@@ -96,13 +114,15 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
 
     p = _sub(sub, subs, "finetune", cmd_finetune,
              "train the pruned model without the penalty",
-             "Fine-tuning (VTP step 3) of a pruned model with the DeiT recipe.")
+             "Fine-tuning (VTP step 3) of a pruned model with the DeiT recipe; --distill adds "
+             "a teacher (the dense model, the gated one or any saved model).")
     add_config_arg(p)
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
                    help="prune directory, `vtp run` directory or vtp.save directory")
     add_data_args(p)
     add_model_args(p, dense=False)
     add_train_args(p, FINETUNE_DEFAULTS)
+    add_distill_args(p)
     add_eval_args(p, bench=False)
     add_system_args(p)
     add_output_args(p, "finetune")
@@ -129,15 +149,21 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     add_config_arg(p)
 
     p = _sub(sub, subs, "run", cmd_run,
-             "sparse-train, prune, finetune, eval and report in one go",
-             "The whole VTP pipeline in one run directory: eval-dense/, sparse-train/, prune/, "
-             "finetune/, eval-pruned/, report/. --resume picks up where it stopped.")
+             "(train,) sparse-train, prune, finetune, eval and report in one go",
+             "The whole VTP pipeline in one run directory: train/ (with --train-epochs), "
+             "eval-dense/, sparse-train/, prune/, finetune/, eval-pruned/, report/. It starts "
+             "from a trained model: --checkpoint, --pretrained weights for these classes, or "
+             "the dense stage first (--train-epochs N); otherwise it stops before any work. "
+             "--resume picks up where it stopped.")
     add_config_arg(p)
     add_data_args(p)
     add_model_args(p)
     _add_sites_arg(p)
+    add_train_args(p, dict(TRAIN_DEFAULTS, epochs=0), prefix="train-", shared=False,
+                   optional_stage=True)
     add_train_args(p, SPARSE_DEFAULTS, prefix="sparse-", shared=False)
     add_train_args(p, FINETUNE_DEFAULTS, prefix="finetune-", shared=True)
+    add_distill_args(p, run=True)
     add_prune_args(p)
     add_eval_args(p)
     add_system_args(p)
@@ -159,6 +185,15 @@ def cmd_demo(args, parser) -> int:
         demo.run(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise VTPError(str(e)) from None
+    return 0
+
+
+def cmd_train(args, parser, after_step=None) -> int:
+    precheck(args, need_train=True)
+    resume = check_fresh_or_resume(args.output, args.resume)
+    ctx = Context(args, "train")
+    write_stage_config(ctx, args, parser, ctx.out)
+    stage_train(args, ctx, ctx.out, resume, after_step=after_step)
     return 0
 
 
@@ -184,6 +219,7 @@ def cmd_finetune(args, parser, after_step=None) -> int:
     source = resolve_source(args.source, "finetune")
     check_source(args, source, "finetune")
     precheck(args, need_train=True)
+    finetune_teacher(args, source)
     resume = check_fresh_or_resume(args.output, args.resume)
     ctx = Context(args, "finetune")
     write_stage_config(ctx, args, parser, ctx.out)
@@ -213,13 +249,19 @@ def cmd_report(args, parser) -> int:
     return 0
 
 
-RUN_STAGES = ("eval-dense", "sparse-train", "prune", "finetune", "eval-pruned", "report")
+RUN_STAGES = ("train", "eval-dense", "sparse-train", "prune", "finetune", "eval-pruned", "report")
 
 
 def cmd_run(args, parser, after_step=None) -> int:
     precheck(args, need_train=True)
     if args.resume and not (args.output and os.path.isfile(os.path.join(args.output, "config.yaml"))):
         raise VTPError("--resume: give the --output of the run to continue (it has no config.yaml)")
+    if args.output and not args.resume and any(os.path.exists(os.path.join(args.output, name))
+                                               for name in RUN_STAGES):
+        raise VTPError(f"{args.output} already holds a run; pass --resume to continue it or "
+                       "choose another --output")
+    check_trained_start(args)
+    check_run_teacher(args)
     ctx = Context(args, "run")
     run = ctx.out
     dirs = {name: os.path.join(run, name) for name in RUN_STAGES}
@@ -229,10 +271,19 @@ def cmd_run(args, parser, after_step=None) -> int:
         # Rank 0's answer, so that every process takes the same branch.
         return distributed.broadcast_object(os.path.isfile(path), ctx.info)
 
-    if not args.resume and any(os.path.exists(d) for d in dirs.values()):
-        raise VTPError(f"{run} already holds a run; pass --resume to continue it or choose "
-                       "another --output")
     write_stage_config(ctx, args, parser, run)
+
+    if args.train_epochs > 0:
+        if not done("train"):
+            resume = check_fresh_or_resume(dirs["train"], args.resume, optional=True)
+            write_stage_config(ctx, args, parser, dirs["train"])
+            summary = stage_train(args, ctx, dirs["train"], resume, prefix="train-",
+                                  after_step=after_step)
+            if summary["stopped"]:
+                return 0
+        # The rest of the run starts from the model the dense stage trained.
+        args.checkpoint = os.path.join(dirs["train"], "model")
+        args.pretrained, args.pretrained_path, args.reset_head = False, None, False
 
     if not done("eval-dense"):
         stage_eval_dense(args, ctx, dirs["eval-dense"])

@@ -22,14 +22,19 @@ from vtp.atomic import atomic_write
 from .errors import VTPError
 
 __all__ = [
-    "SPARSE_DEFAULTS", "FINETUNE_DEFAULTS", "HelpFormatter",
+    "TRAIN_DEFAULTS", "SPARSE_DEFAULTS", "FINETUNE_DEFAULTS", "HelpFormatter",
     "add_data_args", "add_model_args", "add_train_args", "add_prune_args", "add_eval_args",
+    "add_distill_args",
     "add_system_args", "add_output_args", "add_config_arg", "apply_yaml_config",
     "load_yaml_config", "resolved_config", "write_config", "model_kwargs_from_args",
     "positive_int",
 ]
 
 
+# Dense training (`vtp train`) follows DeiT's recipe from scratch: 300 epochs, lr 5e-4 per
+# 512 images, 5 warm-up epochs, cosine to 1e-5. Fine-tuning a pretrained model needs far
+# fewer epochs (and often a lower lr): set --epochs/--lr.
+TRAIN_DEFAULTS = dict(epochs=300, lr=5e-4, warmup_epochs=5, min_lr=1e-5, lam=0.0)
 # The VTP paper trains with the sparsity penalty from a trained DeiT for 100 epochs with
 # lr 6.25e-6 and lambda 1e-4. The paper does not tie that lr to a batch size; here it is the
 # base lr for a global batch of 512 (lr = base * global_batch / 512, as every lr below).
@@ -178,13 +183,26 @@ def add_model_args(parser: argparse.ArgumentParser, dense: bool = True) -> None:
     group = parser.add_argument_group("model")
     if dense:
         group.add_argument("--model", default="deit_base_patch16_224",
-                           help="timm model name, built with pretrained=False")
+                           help="timm model name (random weights unless --pretrained or "
+                                "--checkpoint)")
         group.add_argument(
             "--checkpoint", metavar="PATH", default=None,
             help="weights to start from: a local timm .pth/.pt/.safetensors file or a "
-                 "directory written by vtp.save; nothing is downloaded")
+                 "directory written by vtp.save (e.g. `vtp train`'s model/); nothing is "
+                 "downloaded")
         group.add_argument("--reset-head", action="store_true",
                            help="drop the checkpoint's classifier when its class count differs")
+        group.add_argument(
+            "--pretrained", action="store_true",
+            help="start from timm's pretrained weights for --model, as timm's train.py does: "
+                 "from the Hugging Face hub or its local cache (network needed once); the "
+                 "classifier is started afresh when the class count differs, the position "
+                 "embedding resized to --img-size")
+        group.add_argument(
+            "--pretrained-path", metavar="FILE", default=None,
+            help="load this local file as timm's pretrained weights instead of the hub "
+                 "(timm's pretrained_cfg_overlay file=...; same adaptation); implies "
+                 "--pretrained")
         group.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
                            help="extra timm.create_model keyword arguments, as a JSON object")
         group.add_argument("--patch-size", type=positive_int, default=None,
@@ -202,13 +220,20 @@ def add_model_args(parser: argparse.ArgumentParser, dense: bool = True) -> None:
 
 
 def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], prefix: str = "",
-                   shared: bool = True) -> None:
-    """Optimisation flags. `prefix` ("sparse-", "finetune-") names the per-stage flags of
-    `vtp run`; `shared=False` leaves out the flags both stages share."""
-    title = f"{prefix.rstrip('-')} training" if prefix else "training (DeiT recipe)"
+                   shared: bool = True, optional_stage: bool = False) -> None:
+    """Optimisation flags. `prefix` ("train-", "sparse-", "finetune-") names the per-stage
+    flags of `vtp run`; `shared=False` leaves out the flags the stages share;
+    `optional_stage` lets --<prefix>epochs be 0 (the stage is skipped)."""
+    titles = {"train-": "dense training (the run's first stage, when --train-epochs > 0)",
+              "sparse-": "sparse training", "finetune-": "fine-tuning"}
+    title = titles.get(prefix, f"{prefix.rstrip('-')} training") if prefix else "training (DeiT recipe)"
     group = parser.add_argument_group(title)
-    group.add_argument(f"--{prefix}epochs", type=positive_int, default=defaults["epochs"],
-                       help="training epochs")
+    if optional_stage:
+        group.add_argument(f"--{prefix}epochs", type=_non_negative_int, default=defaults["epochs"],
+                           help="epochs of this stage; 0 skips it")
+    else:
+        group.add_argument(f"--{prefix}epochs", type=positive_int, default=defaults["epochs"],
+                           help="training epochs")
     group.add_argument(f"--{prefix}lr", type=_non_negative_float, default=defaults["lr"],
                        help="base learning rate for a global batch of --lr-base-batch images; "
                             "the lr used is lr * global_batch / lr_base_batch")
@@ -275,6 +300,30 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                             "values into the weights")
     group.add_argument("--plan", metavar="JSON", default=None,
                        help="apply this plan.json instead of computing one")
+
+
+def add_distill_args(parser: argparse.ArgumentParser, run: bool = False) -> None:
+    """Knowledge distillation while fine-tuning the pruned model (DeiT's scheme)."""
+    group = parser.add_argument_group("distillation (fine-tuning)")
+    group.add_argument(
+        "--distill", action="store_true",
+        help="fine-tune with a teacher: loss = (1 - alpha) * task + alpha * distillation term")
+    group.add_argument(
+        "--teacher", metavar="WHICH", default=None,
+        help="the teacher of --distill: 'dense' (default: the model sparse training started "
+             "from, as the pruned model records it), 'gated' (the sparse-trained model it was "
+             "pruned from) or a directory written by vtp.save (or a stage directory holding "
+             "model/)" + ("; in `vtp run` 'dense' is the model eval-dense measured" if run else ""))
+    group.add_argument(
+        "--distill-type", default="soft", choices=("soft", "hard"),
+        help="soft: KL divergence to the teacher's softened probabilities, times tau^2; "
+             "hard: cross-entropy against the teacher's top class (DeiT). A two-token "
+             "(distilled) student takes it on its distillation token, the task loss on its "
+             "class token")
+    group.add_argument("--distill-alpha", type=_probability, default=0.5,
+                       help="weight of the distillation term, in [0, 1] (DeiT: 0.5)")
+    group.add_argument("--distill-tau", type=_positive_float, default=1.0,
+                       help="temperature of soft distillation, > 0 (DeiT: 1.0)")
 
 
 def add_eval_args(parser: argparse.ArgumentParser, bench: bool = True) -> None:

@@ -1,10 +1,10 @@
-"""timm models and the files their weights come from: built by name (never downloaded),
-loaded from a timm checkpoint or a ``vtp.save`` directory, with clear errors when they do
-not fit."""
+"""timm models and the files their weights come from: built by name, with timm's pretrained
+weights when asked (hub, cache or a local file), loaded from a timm checkpoint or a
+``vtp.save`` directory, with clear errors when they do not fit."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -17,20 +17,53 @@ from vtp.io import read_config
 
 from .errors import VTPError
 
-__all__ = ["create_dense_model", "read_state_dict", "load_weights", "load_state", "load_vtp_model",
-           "set_drop_path"]
+__all__ = ["create_dense_model", "pretrained_classes", "read_state_dict", "load_weights",
+           "load_state", "load_vtp_model", "set_drop_path"]
 
 
 def create_dense_model(name: str, num_classes: int, model_kwargs: Dict[str, Any],
-                       drop_path: float = 0.0) -> nn.Module:
-    """A timm model with random weights; never downloads anything."""
+                       drop_path: float = 0.0, pretrained: bool = False,
+                       pretrained_path: Optional[str] = None) -> nn.Module:
+    """A timm model: random weights, or timm's pretrained ones adapted by timm (classifier
+    dropped when the class count differs, position embedding resized). Pretrained weights
+    come from `pretrained_path` when given (never the network), else from timm's hub or
+    its cache."""
     if not timm.is_model(name):
         raise VTPError(f"unknown timm model '{name}' (see timm.list_models())")
+    kwargs = dict(model_kwargs)
+    if pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise VTPError(f"--pretrained-path not found: {pretrained_path}")
+        kwargs["pretrained_cfg_overlay"] = dict(
+            file=os.path.abspath(pretrained_path),
+            num_classes=pretrained_classes(name, pretrained_path))
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                 drop_path_rate=drop_path, **model_kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        return timm.create_model(name, pretrained=pretrained or bool(pretrained_path),
+                                 num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise VTPError(f"cannot build {name} with {model_kwargs}: {e}") from None
+    except Exception as e:  # network, cache or file errors of the pretrained weights
+        if not (pretrained or pretrained_path):
+            raise VTPError(f"cannot build {name} with {model_kwargs}: {e}") from None
+        where = pretrained_path or "timm's hub (or its local cache)"
+        raise VTPError(f"--pretrained: cannot load {name}'s weights from {where}: "
+                       f"{type(e).__name__}: {e}. Without network, fetch them once elsewhere "
+                       "into the Hugging Face cache or pass --pretrained-path FILE") from None
+
+
+def pretrained_classes(name: str, pretrained_path: Optional[str] = None) -> int:
+    """How many classes the pretrained weights predict: the local file's classifier rows,
+    else what timm's pretrained config of `name` says (1000 for ImageNet weights); 0 when
+    there is no classifier to keep."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if not pretrained_path:
+        return int(getattr(cfg, "num_classes", 0) or 0) if cfg is not None else 0
+    state = read_state_dict(pretrained_path)
+    heads = getattr(cfg, "classifier", None) or "head"
+    for head in (heads,) if isinstance(heads, str) else tuple(heads):
+        if f"{head}.weight" in state:
+            return int(state[f"{head}.weight"].shape[0])
+    return 0
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -56,9 +89,9 @@ def _classifier_keys(model: nn.Module) -> List[str]:
     return names
 
 
-def load_weights(model: nn.Module, path: str, reset_head: bool = False) -> None:
+def load_weights(model: nn.Module, path: str, reset_head: bool = False) -> bool:
     """Loads a timm checkpoint file into `model`; see load_state."""
-    load_state(model, read_state_dict(path), path, reset_head)
+    return load_state(model, read_state_dict(path), path, reset_head)
 
 
 def _listing(title: str, items: List[str], sep: str = ", ", limit: int = 8) -> str:
@@ -67,15 +100,18 @@ def _listing(title: str, items: List[str], sep: str = ", ", limit: int = 8) -> s
 
 
 def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
-               reset_head: bool = False) -> None:
+               reset_head: bool = False) -> bool:
     """Loads `state` into `model`, or stops with the missing, unexpected and mis-shaped keys
-    when it does not fit, before any training starts."""
+    when it does not fit, before any training starts. True when `reset_head` kept the
+    model's fresh classifier instead of the checkpoint's."""
     state = dict(state)
     own = model.state_dict()
+    head_reset = False
     if reset_head:
         for key in _classifier_keys(model):
             if key in state and key in own and state[key].shape != own[key].shape:
                 state[key] = own[key]  # keep the freshly initialised classifier
+                head_reset = True
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -93,6 +129,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
             lines.append("  (only the classifier differs: pass --reset-head to start it afresh)")
         raise VTPError("\n".join(lines))
     model.load_state_dict(state, strict=True)
+    return head_reset
 
 
 def load_vtp_model(path: str) -> Tuple[nn.Module, Dict[str, Any]]:

@@ -5,7 +5,8 @@ metrics.jsonl) and writes report.md plus three PNGs:
 
 * kept_dims.png    kept dimensions per block and site: where VTP prunes
 * gate_hist.png    distribution of |gate| at pruning time (log x) with the threshold
-* curves.png       loss and accuracy per epoch of sparse training and fine-tuning
+* curves.png       loss and accuracy per epoch of dense training (when the run had it),
+                   sparse training and fine-tuning
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .tables import format_table
 
 __all__ = ["write_report", "collect", "results_table", "plot_kept", "plot_gate_hist", "plot_curves"]
 
-STAGES = ("sparse-train", "finetune")
+STAGES = ("train", "sparse-train", "finetune")
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -209,11 +210,11 @@ def _task_loss(row: Dict[str, Any], key: str) -> Optional[float]:
 
 
 def plot_curves(metrics: Dict[str, List[Dict[str, Any]]], path: str) -> None:
-    """Task loss and top-1 per epoch; fine-tuning epochs continue after sparse training's."""
+    """Task loss and top-1 per epoch; each stage's epochs continue after the previous one's."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
-    colors = {"sparse-train": "tab:blue", "finetune": "tab:orange"}
+    colors = {"train": "tab:green", "sparse-train": "tab:blue", "finetune": "tab:orange"}
     for stage in STAGES:
         epochs = [r for r in metrics.get(stage, []) if r.get("kind") == "epoch"]
         steps = [r for r in metrics.get(stage, []) if r.get("kind") == "train"]

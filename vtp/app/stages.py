@@ -1,4 +1,5 @@
-"""The stages a ``vtp`` command runs: sparse training, pruning, fine-tuning and evaluation.
+"""The stages a ``vtp`` command runs: dense training, sparse training, pruning, fine-tuning
+and evaluation.
 
 Each stage works in its own directory (config.yaml, metrics.jsonl, checkpoints/last.pt,
 model/ and summary.json once complete) and can run on its own (``vtp prune``, ...) or
@@ -23,14 +24,18 @@ from vtp.io import is_model_dir, read_config
 
 from . import data, distributed, models, train
 from .checkpoint import checkpoint_path
+from .distill import Distiller
 from .errors import VTPError
 from .evaluate import evaluate, measure_throughput
 from .flags import model_kwargs_from_args, resolved_config, write_config
 from .metrics import jsonable
 from .random import seed_everything
+from .teacher import (TeacherSpec, build_teacher, check_teacher, dense_record, resolve_teacher,
+                      teacher_from_directory)
 
 __all__ = ["Context", "SOURCE_DIRS", "resolve_source", "check_source", "check_prune_args",
-           "precheck", "check_fresh_or_resume", "write_stage_config", "dense_model",
+           "precheck", "check_fresh_or_resume", "check_trained_start", "check_run_teacher",
+           "finetune_teacher", "write_stage_config", "dense_model", "stage_train",
            "stage_sparse_train", "stage_prune", "stage_finetune", "stage_eval", "stage_eval_dense"]
 
 # Where a directory given as SOURCE keeps the model each command wants, first match wins:
@@ -155,11 +160,80 @@ def precheck(args: argparse.Namespace, need_train: bool) -> None:
         raise VTPError(f"--checkpoint not found: {checkpoint}")
     if checkpoint and os.path.isdir(checkpoint) and not is_model_dir(checkpoint):
         raise VTPError(f"--checkpoint {checkpoint}: a directory must be written by vtp.save")
+    pretrained_path = getattr(args, "pretrained_path", None)
+    if checkpoint and (getattr(args, "pretrained", False) or pretrained_path):
+        raise VTPError("--checkpoint and --pretrained both give the starting weights: pass one")
+    if pretrained_path and not os.path.isfile(pretrained_path):
+        raise VTPError(f"--pretrained-path not found: {pretrained_path}")
     name = getattr(args, "model", None)
     if name is not None and not timm.is_model(name):
         raise VTPError(f"unknown timm model '{name}' (see timm.list_models())")
     if hasattr(args, "flops_target"):
         check_prune_args(args)
+    if getattr(args, "teacher", None) and not getattr(args, "distill", False):
+        raise VTPError(f"--teacher {args.teacher}: add --distill to fine-tune with a teacher")
+
+
+def _expected_classes(args: argparse.Namespace) -> int:
+    """The class count a dense model will get, from the flags and the class folders alone."""
+    if args.num_classes:
+        return args.num_classes
+    if args.synthetic:
+        return 1000
+    root = os.path.join(args.data, args.train_split)
+    return sum(1 for entry in os.scandir(root) if entry.is_dir())
+
+
+def check_trained_start(args: argparse.Namespace) -> None:
+    """`vtp run` prunes a trained model: a checkpoint, pretrained weights that already
+    predict these classes, or one trained by the run's own dense stage (--train-epochs)."""
+    if args.train_epochs > 0:
+        return
+    pretrained = args.pretrained or bool(args.pretrained_path)
+    how = ("pass --checkpoint PATH (a trained timm checkpoint file, or a model directory "
+           "written by `vtp train` or vtp.save), or add --train-epochs N to train the dense "
+           "model in this run first (what `vtp train` does)")
+    if not args.checkpoint and not pretrained:
+        raise VTPError("vtp run prunes a trained model, and none was given: without "
+                       f"--checkpoint it would prune random weights. To get one, {how}")
+    if args.checkpoint and args.reset_head:
+        raise VTPError("--reset-head starts the classifier afresh: the run would prune a model "
+                       "that has never seen these classes; add --train-epochs N to train it first")
+    if pretrained:
+        have = models.pretrained_classes(args.model, args.pretrained_path)
+        want = _expected_classes(args)
+        if have != want:
+            raise VTPError(f"--pretrained: the weights predict {have} classes, the data has {want}: "
+                           "the classifier would start afresh and the run would prune a model "
+                           "that has never seen these classes; add --train-epochs N to "
+                           "fine-tune it first")
+
+
+def check_run_teacher(args: argparse.Namespace) -> Optional[TeacherSpec]:
+    """A teacher directory given to `vtp run --distill`, checked before any work ('dense' and
+    'gated' are made by the run itself)."""
+    if not args.distill or (args.teacher or "dense") in ("dense", "gated"):
+        return None
+    spec = teacher_from_directory(args.teacher)
+    try:
+        classes = read_config(spec.directory).num_classes
+    except (OSError, ValueError) as e:
+        raise VTPError(f"--teacher {args.teacher}: {e}") from None
+    want = _expected_classes(args)
+    if classes != want:
+        raise VTPError(f"--teacher {args.teacher} predicts {classes} classes, the data has {want}")
+    return spec
+
+
+def finetune_teacher(args: argparse.Namespace, source: str) -> Optional[TeacherSpec]:
+    """The teacher of fine-tuning the model in `source` (None without --distill), found
+    from the flags and the model's records, and checked against the model."""
+    if not args.distill:
+        return None
+    saved = read_config(source)
+    spec = resolve_teacher(args.teacher, saved.metadata, source)
+    check_teacher(spec, saved.num_classes, saved.img_size)
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +246,7 @@ def train_config(args: argparse.Namespace, stage: str, prefix: str = "") -> trai
         return getattr(args, prefix.replace("-", "_") + name)
 
     lam = getattr(args, "lam", 0.0) if stage == "sparse-train" else 0.0
+    distill = stage == "finetune" and getattr(args, "distill", False)
     return train.TrainConfig(
         stage=stage, epochs=stage_value("epochs"), lr=stage_value("lr"),
         warmup_epochs=stage_value("warmup_epochs"), min_lr=stage_value("min_lr"),
@@ -182,7 +257,10 @@ def train_config(args: argparse.Namespace, stage: str, prefix: str = "") -> trai
         smoothing=args.smoothing, seed=args.seed, aug_repeats=0 if args.no_aug else args.aug_repeats,
         workers=args.workers, save_every=args.save_every, stop_after_steps=args.stop_after_steps,
         log_every=args.log_every, amp=args.amp, amp_dtype=args.amp_dtype, compile=args.compile,
-        progress=args.progress, eval_batch_size=args.eval_batch_size)
+        progress=args.progress, eval_batch_size=args.eval_batch_size,
+        distill=args.distill_type if distill else "none",
+        distill_alpha=args.distill_alpha if distill else 0.0,
+        distill_tau=args.distill_tau if distill else 1.0)
 
 
 def _data_settings(model, metadata: Dict[str, Any]) -> Dict[str, Any]:
@@ -250,17 +328,22 @@ def _build_mixup(args, num_classes: int):
 
 
 def dense_model(args, num_classes: int):
-    """The dense starting model: timm architecture, optional local weights."""
+    """The dense starting model: timm architecture with random, pretrained or local weights;
+    returns (model, the metadata of a vtp.save checkpoint, the record of how it was built)."""
     torch.manual_seed(args.seed)  # same initial weights in every process
-    model = models.create_dense_model(args.model, num_classes, model_kwargs_from_args(args),
-                                      drop_path=0.0)
+    kwargs = model_kwargs_from_args(args)
+    pretrained_path = getattr(args, "pretrained_path", None)
+    pretrained = getattr(args, "pretrained", False) or bool(pretrained_path)
+    model = models.create_dense_model(args.model, num_classes, kwargs, drop_path=0.0,
+                                      pretrained=pretrained, pretrained_path=pretrained_path)
     metadata: Dict[str, Any] = {}
+    head_reset = pretrained and models.pretrained_classes(args.model, pretrained_path) != num_classes
     if args.checkpoint and os.path.isdir(args.checkpoint):
         loaded, metadata = models.load_vtp_model(args.checkpoint)
-        models.load_state(model, loaded.state_dict(), args.checkpoint, args.reset_head)
+        head_reset = models.load_state(model, loaded.state_dict(), args.checkpoint, args.reset_head)
     elif args.checkpoint:
-        models.load_weights(model, args.checkpoint, reset_head=args.reset_head)
-    return model, metadata
+        head_reset = models.load_weights(model, args.checkpoint, reset_head=args.reset_head)
+    return model, metadata, dense_record(args, num_classes, kwargs, head_reset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +387,8 @@ def _human(n: float) -> str:
 
 
 def _train(args, ctx: Context, cfg: train.TrainConfig, model, train_ds, val_ds, out_dir: str,
-           resume: bool, after_step, headline: str) -> Dict[str, Any]:
+           resume: bool, after_step, headline: str,
+           distiller: Optional[Distiller] = None) -> Dict[str, Any]:
     """The training loop of a stage on this process's device, after a first log line."""
     model.to(ctx.info.device)
     seed_everything(args.seed + ctx.info.rank)
@@ -312,7 +396,40 @@ def _train(args, ctx: Context, cfg: train.TrainConfig, model, train_ds, val_ds, 
             f"{cfg.global_batch(ctx.info.world_size)}; writing {out_dir}")
     return train.fit(model, cfg, ctx.info, train_ds, val_ds, out_dir,
                      mixup_fn=_build_mixup(args, model.num_classes), resume=resume,
-                     say=ctx.say, after_step=after_step)
+                     say=ctx.say, after_step=after_step, distiller=distiller)
+
+
+def _starting_point(args) -> str:
+    if args.checkpoint:
+        return f"from {args.checkpoint}"
+    if getattr(args, "pretrained", False) or getattr(args, "pretrained_path", None):
+        return f"from timm's pretrained weights{f' ({args.pretrained_path})' if args.pretrained_path else ''}"
+    return "from random weights"
+
+
+def stage_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = "",
+                after_step=None) -> Dict[str, Any]:
+    """Dense training (`vtp train`, and `vtp run --train-epochs`): an ordinary timm model
+    trained or fine-tuned on the data; writes model/ for sparse training to start from."""
+    cfg = train_config(args, "train", prefix)
+    train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
+    num_classes = args.num_classes or (spec.num_classes if spec else 1000)
+    model, metadata, record = dense_model(args, num_classes)
+    models.set_drop_path(model, args.drop_path)
+    settings = _data_settings(model, metadata)
+    train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
+    summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
+                     f"train: {args.model} {_starting_point(args)}, {len(train_ds)} training "
+                     f"images, {num_classes} classes")
+    if summary["stopped"]:
+        return summary
+    models.set_drop_path(model, 0.0)  # the saved model describes inference, not a recipe
+    model.to("cpu")
+    meta = {"stage": "train", "model": args.model, "num_classes": num_classes,
+            "data": {**settings, "class_to_idx": spec.class_to_idx if spec else None},
+            "started_from": record, "last_epoch": summary.get("last_epoch", {})}
+    _publish(ctx, out_dir, model, meta, summary)
+    return summary
 
 
 def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = "",
@@ -320,7 +437,10 @@ def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: s
     cfg = train_config(args, "sparse-train", prefix)
     train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
     num_classes = args.num_classes or (spec.num_classes if spec else 1000)
-    model, metadata = dense_model(args, num_classes)
+    model, metadata, record = dense_model(args, num_classes)
+    if not args.checkpoint and not record["pretrained"]:
+        ctx.say("warning: sparse training starts from random weights (no --checkpoint or "
+                "--pretrained); VTP prunes a trained model: see `vtp train`")
     models.set_drop_path(model, args.drop_path)
     try:
         vtp.add_gates(model, args.sites)
@@ -337,7 +457,7 @@ def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: s
     summary["gate_stats"] = vtp.gate_stats(model)["all"]
     meta = {"stage": "sparse-train", "model": args.model, "num_classes": num_classes,
             "data": {**settings, "class_to_idx": spec.class_to_idx if spec else None},
-            "last_epoch": summary.get("last_epoch", {})}
+            "dense": record, "last_epoch": summary.get("last_epoch", {})}
     _publish(ctx, out_dir, model, meta, summary)
     return summary
 
@@ -382,12 +502,22 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
 def stage_finetune(args, ctx: Context, source: str, out_dir: str, resume: bool,
                    prefix: str = "", after_step=None) -> Dict[str, Any]:
     cfg = train_config(args, "finetune", prefix)
+    teacher = finetune_teacher(args, source)
     model, metadata = models.load_vtp_model(source)
     train_ds, val_ds, spec, settings = _saved_model_datasets(args, model, metadata, source,
                                                              need_train=True)
     saved_drop_path = models.set_drop_path(model, args.drop_path)
+    distiller = None
+    headline = f"finetune: {source}, {len(train_ds)} training images"
+    if teacher is not None:
+        cfg.teacher = teacher.describe()
+        # Every process builds its own copy from the same description: no weights travel.
+        distiller = Distiller(build_teacher(teacher), cfg.distill, cfg.distill_alpha,
+                              cfg.distill_tau)
+        headline += (f", distilled ({cfg.distill}, alpha {cfg.distill_alpha}, tau "
+                     f"{cfg.distill_tau}) from {teacher.label}: {cfg.teacher}")
     summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
-                     f"finetune: {source}, {len(train_ds)} training images")
+                     headline, distiller=distiller)
     if summary["stopped"]:
         return summary
     # The saved architecture keeps the drop-path rate it was described with.
@@ -396,6 +526,8 @@ def stage_finetune(args, ctx: Context, source: str, out_dir: str, resume: bool,
     class_map = spec.class_to_idx if spec else (metadata.get("data") or {}).get("class_to_idx")
     meta = {**metadata, "stage": "finetune", "source": os.path.abspath(source),
             "data": {**settings, "class_to_idx": class_map},
+            "distill": ({"type": cfg.distill, "alpha": cfg.distill_alpha, "tau": cfg.distill_tau,
+                         "teacher": cfg.teacher} if teacher is not None else None),
             "last_epoch": summary.get("last_epoch", {})}
     _publish(ctx, out_dir, model, meta, summary)
     return summary
@@ -406,7 +538,7 @@ def stage_eval_dense(args, ctx: Context, out_dir: str) -> Dict[str, Any]:
     training will use and normalised as its checkpoint says."""
     _, _, spec = _folder_datasets(args, need_train=True)
     num_classes = args.num_classes or (spec.num_classes if spec else 1000)
-    model, metadata = dense_model(args, num_classes)
+    model, metadata, _ = dense_model(args, num_classes)
     data_meta = {**(metadata.get("data") or {}), "class_to_idx": spec.class_to_idx if spec else None}
     return stage_eval(args, ctx, model, {**metadata, "data": data_meta}, out_dir, "dense")
 

@@ -1,6 +1,7 @@
 """The training loop of the ``vtp`` command: one loop for every stage that trains.
 
-Sparse training is task loss + lambda * sum|gate|; fine-tuning the same with lambda = 0.
+Sparse training is task loss + lambda * sum|gate|; fine-tuning and dense training the same
+with lambda = 0, fine-tuning optionally distilled from a teacher (distill.py).
 ``fit`` runs the epochs of a stage, ``train_one_epoch`` the optimizer steps of one epoch,
 ``train_step`` the forward and backward passes of one step, and ``evaluate`` (evaluate.py)
 the validation after each epoch. A checkpoint (checkpoint.py) is written every
@@ -26,6 +27,7 @@ import vtp
 
 from . import data
 from .checkpoint import checkpoint_path, restore_training_state, save_checkpoint, training_state
+from .distill import Distiller, set_distilled_training
 from .distributed import DistInfo, all_reduce_sum, wrap_ddp
 from .errors import VTPError
 from .evaluate import autocast, evaluate
@@ -65,6 +67,10 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     eval_batch_size: int = 128
+    distill: str = "none"        # "none", "soft" or "hard"; the teacher itself goes to fit()
+    distill_alpha: float = 0.0
+    distill_tau: float = 1.0
+    teacher: Optional[str] = None  # where the teacher came from, for the records and resume
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.accum_steps * world_size
@@ -115,9 +121,10 @@ def train_criterion(mixup_active: bool, smoothing: float) -> nn.Module:
 
 def train_step(model: nn.Module, raw_model: nn.Module, batches: Iterator, cfg: TrainConfig,
                info: DistInfo, criterion: nn.Module, penalty_fn, scaler,
-               mixup_fn=None) -> Tuple[float, float, bool]:
+               mixup_fn=None, distiller: Optional[Distiller] = None) -> Tuple[float, float, bool]:
     """Forward and backward of one optimizer step's micro-batches (gradients left in .grad);
-    returns (task loss, penalty, finite) averaged over processes."""
+    returns (task loss, penalty, finite) averaged over processes. With a `distiller` the
+    task loss is the criterion mixed with the distillation term."""
     task_sum = torch.zeros((), device=info.device)
     pen_value = torch.zeros((), device=info.device)
     for micro in range(cfg.accum_steps):
@@ -131,8 +138,11 @@ def train_step(model: nn.Module, raw_model: nn.Module, batches: Iterator, cfg: T
             else contextlib.nullcontext()
         with sync:
             with autocast(info.device, cfg.amp, cfg.amp_dtype):
-                logits = model(images)
-                task = criterion(logits.float(), targets)
+                outputs = model(images)
+                if distiller is not None:
+                    task = distiller.loss(images, outputs, targets, criterion)
+                else:
+                    task = criterion(outputs.float(), targets)
                 loss = task
                 if penalty_fn is not None:
                     # In every micro-batch's graph, so DDP reduces the gate gradients with
@@ -164,6 +174,7 @@ class _Stage:
     criterion: nn.Module
     penalty_fn: Optional[Callable]
     mixup_fn: Optional[Callable]
+    distiller: Optional[Distiller]
     metrics: MetricsLogger
     ckpt_path: str
     steps_per_epoch: int
@@ -213,7 +224,8 @@ def _optimizer_step(stage: _Stage, loop: LoopState, batches: Iterator) -> Tuple[
     cfg = stage.cfg
     stage.optimizer.zero_grad(set_to_none=True)
     task, pen, finite = train_step(stage.model, stage.raw_model, batches, cfg, stage.info,
-                                   stage.criterion, stage.penalty_fn, stage.scaler, stage.mixup_fn)
+                                   stage.criterion, stage.penalty_fn, stage.scaler, stage.mixup_fn,
+                                   stage.distiller)
     if not finite:
         where = (f"the checkpoint {stage.ckpt_path}" if os.path.exists(stage.ckpt_path)
                  else "not saved yet")
@@ -309,7 +321,7 @@ def _epoch_row(stage: _Stage, val_ds, loop: LoopState) -> Dict[str, Any]:
 
 
 def _prepare(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, out_dir: str,
-             mixup_fn, say, after_step) -> _Stage:
+             mixup_fn, distiller, say, after_step) -> _Stage:
     steps_per_epoch = data.train_steps(train_ds, batch_size=cfg.batch_size,
                                        accum_steps=cfg.accum_steps, rank=info.rank,
                                        world_size=info.world_size, seed=cfg.seed,
@@ -325,7 +337,7 @@ def _prepare(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, out_d
         scaler=torch.amp.GradScaler(info.device.type, enabled=cfg.amp and cfg.amp_dtype == "float16"),
         criterion=train_criterion(mixup_fn is not None, cfg.smoothing),
         penalty_fn=vtp.l1_penalty if cfg.lam > 0 else None, mixup_fn=mixup_fn,
-        metrics=MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=info.is_main),
+        distiller=distiller, metrics=MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), enabled=info.is_main),
         ckpt_path=checkpoint_path(out_dir), steps_per_epoch=steps_per_epoch, say=say,
         after_step=after_step)
 
@@ -348,13 +360,19 @@ def _start(stage: _Stage, resume: bool) -> LoopState:
 
 def fit(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, val_ds, out_dir: str,
         mixup_fn=None, resume: bool = False, say: Callable[[str], None] = print,
-        after_step: Optional[Callable[[LoopState], None]] = None) -> Dict[str, Any]:
+        after_step: Optional[Callable[[LoopState], None]] = None,
+        distiller: Optional[Distiller] = None) -> Dict[str, Any]:
     """Trains `model` (already on info.device) and returns a summary. Writes
     out_dir/checkpoints/last.pt and out_dir/metrics.jsonl (rank 0 only).
 
+    A `distiller`'s teacher runs on this process's device beside the student, outside DDP:
+    it has no gradients to reduce, and every process computes its own batch's targets.
     `after_step` is called after every optimizer step (tests use it to simulate a crash)."""
-    stage = _prepare(model, cfg, info, train_ds, out_dir, mixup_fn, say, after_step)
+    stage = _prepare(model, cfg, info, train_ds, out_dir, mixup_fn, distiller, say, after_step)
     loop = _start(stage, resume)
+    if distiller is not None:
+        distiller.to(info.device)
+        set_distilled_training(stage.raw_model, True)
     if info.distributed:
         stage.model = wrap_ddp(stage.raw_model, info)
     if cfg.compile:
@@ -377,4 +395,6 @@ def fit(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, val_ds, ou
         loop.next_epoch()
         stage.save(loop)
     summary["global_step"] = loop.global_step
+    if distiller is not None:
+        set_distilled_training(stage.raw_model, False)
     return summary
