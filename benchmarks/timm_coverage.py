@@ -88,7 +88,7 @@ def build(name: str):
     size = 4 * _patch(probe)
     try:
         model = timm.create_model(name, pretrained=False, img_size=size, **depth)
-    except TypeError:
+    except (TypeError, AssertionError):
         model, size = probe, vtp.profile(probe).img_size[0]
     model = model.double().eval()
     # Random everywhere: a zero-initialised head or a layer scale of 1e-5 would hide a

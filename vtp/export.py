@@ -27,7 +27,7 @@ import vtp_kernels
 from .atomic import atomic_write
 from .profile import default_img_size, input_channels
 
-__all__ = ["FORMATS", "ExportCheck", "export", "onnx_session", "run_onnx"]
+__all__ = ["FORMATS", "ExportCheck", "export", "onnx_session", "run_onnx", "OnnxRuntimeModel"]
 
 FORMATS = ("onnx", "pt2")
 # What the exported model may differ from the eager one by, relative to the largest output:
@@ -69,6 +69,21 @@ def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
 def run_onnx(session, x: torch.Tensor) -> torch.Tensor:
     out = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
     return torch.from_numpy(out)
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported ONNX file behind a module's call: float32 CPU tensors in and out, so code
+    that evaluates or times a model runs it unchanged (``vtp eval --runtime onnxruntime``)."""
+
+    def __init__(self, path: Union[str, os.PathLike], threads: Optional[int] = None):
+        super().__init__()
+        self.path = str(path)
+        self.session = onnx_session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(f"OnnxRuntimeModel: runs on the CPU, got a {x.device.type} tensor")
+        return run_onnx(self.session, x.float())
 
 
 def _export_file(model: nn.Module, x: torch.Tensor, fmt: str, tmp: str, opset: Optional[int]) -> None:

@@ -4,7 +4,8 @@
     vtp sparse-train  dense timm ViT + gates, trained with task loss + lambda * sum|gate|
     vtp prune         a plan from the gate values, then a physically smaller model
     vtp finetune      the pruned model, trained without the penalty (--distill: with a teacher)
-    vtp eval          accuracy, parameters, MACs and images/s of a saved model
+    vtp eval          accuracy, parameters, MACs and images/s of a saved model (or of its ONNX export)
+    vtp export        an ONNX or torch.export file of a saved model, checked against it
     vtp report        dense vs pruned table and plots of a run
     vtp run           all of the above in one run directory
     vtp demo          the whole pipeline on MNIST digits, on a CPU, in minutes
@@ -27,10 +28,11 @@ from .flags import (FINETUNE_DEFAULTS, SPARSE_DEFAULTS, TRAIN_DEFAULTS, HelpForm
                     add_config_arg, add_data_args, add_distill_args, add_eval_args, add_model_args,
                     add_output_args, add_prune_args, add_system_args, add_train_args,
                     apply_yaml_config, find_config_path, first_positional, positive_int)
-from .stages import (Context, check_fresh_or_resume, check_prune_args, check_run_teacher,
-                     check_source, check_trained_start, finetune_teacher, precheck,
-                     resolve_source, stage_eval, stage_eval_dense, stage_finetune, stage_prune,
-                     stage_sparse_train, stage_train, write_stage_config)
+from .stages import (Context, check_export_args, check_fresh_or_resume, check_prune_args,
+                     check_run_teacher, check_runtime, check_source, check_trained_start,
+                     finetune_teacher, precheck, resolve_source, stage_eval, stage_eval_dense,
+                     stage_export, stage_finetune, stage_prune, stage_sparse_train, stage_train,
+                     write_stage_config)
 
 __all__ = ["main", "build_parser"]
 
@@ -135,8 +137,30 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                    help="vtp.save directory, stage directory or `vtp run` directory")
     add_data_args(p, train=False)
     add_eval_args(p)
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                   help="what runs the model: PyTorch, or ONNX Runtime on the CPU through an ONNX "
+                        "export checked against it first (needs the 'export' extra)")
     add_system_args(p)
     add_output_args(p, "eval")
+
+    p = _sub(sub, subs, "export", cmd_export,
+             "write a model as an ONNX or torch.export file for deployment",
+             "Exports a saved model (dense, gated or pruned) to ONNX (checked with ONNX Runtime) "
+             "or to a torch.export program (checked by torch.export.load), with a dynamic batch "
+             "size; the file is written only once it gives the model's outputs.")
+    add_config_arg(p)
+    p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
+                   help="vtp.save directory, stage directory or `vtp run` directory")
+    p.add_argument("--format", default="onnx", choices=("onnx", "pt2"),
+                   help="onnx: for ONNX Runtime, TensorRT, OpenVINO; pt2: torch.export.load, "
+                        "AOTInductor, ExecuTorch")
+    p.add_argument("--output", "-o", metavar="FILE", default=None, help="the file to write")
+    p.add_argument("--img-size", type=positive_int, default=None,
+                   help="image size the export takes; default: the model's")
+    p.add_argument("--batch-size", type=positive_int, default=2,
+                   help="batch of the example input (any batch size runs later)")
+    p.add_argument("--opset", type=positive_int, default=None,
+                   help="ONNX opset version; default: the exporter's")
 
     p = _sub(sub, subs, "report", cmd_report,
              "dense vs pruned table and plots of a run",
@@ -231,10 +255,19 @@ def cmd_eval(args, parser) -> int:
     source = resolve_source(args.source, "eval")
     check_source(args, source, "eval")
     precheck(args, need_train=False)
+    check_runtime(args)
     ctx = Context(args, "eval")
     write_stage_config(ctx, args, parser, ctx.out)
     model, metadata = models.load_vtp_model(source)
     stage_eval(args, ctx, model, metadata, ctx.out, os.path.abspath(source))
+    return 0
+
+
+def cmd_export(args, parser) -> int:
+    source = resolve_source(args.source, "export")
+    check_export_args(args)
+    model, metadata = models.load_vtp_model(source)
+    stage_export(args, model, metadata, source, print)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import tempfile
 from typing import Any, Dict, Optional
 
 import timm
@@ -20,7 +21,9 @@ from timm.data import resolve_model_data_config
 import vtp
 import vtp_kernels
 from vtp.atomic import write_json
+from vtp.export import OnnxRuntimeModel
 from vtp.io import is_model_dir, read_config
+from vtp.profile import default_img_size, input_channels
 
 from . import data, distributed, models, train
 from .checkpoint import checkpoint_path
@@ -36,7 +39,8 @@ from .teacher import (TeacherSpec, build_teacher, check_teacher, dense_record, r
 __all__ = ["Context", "SOURCE_DIRS", "resolve_source", "check_source", "check_prune_args",
            "precheck", "check_fresh_or_resume", "check_trained_start", "check_run_teacher",
            "finetune_teacher", "write_stage_config", "dense_model", "stage_train",
-           "stage_sparse_train", "stage_prune", "stage_finetune", "stage_eval", "stage_eval_dense"]
+           "stage_sparse_train", "stage_prune", "stage_finetune", "stage_eval", "stage_eval_dense",
+           "check_export_args", "check_runtime", "stage_export"]
 
 # Where a directory given as SOURCE keeps the model each command wants, first match wins:
 # a vtp.save directory itself, a stage directory, or a `vtp run` directory.
@@ -44,6 +48,7 @@ SOURCE_DIRS = {
     "prune": ("model", "sparse-train/model"),
     "finetune": ("model", "prune/model"),
     "eval": ("model", "finetune/model", "prune/model", "sparse-train/model"),
+    "export": ("model", "finetune/model", "prune/model", "sparse-train/model"),
 }
 
 
@@ -268,7 +273,7 @@ def _data_settings(model, metadata: Dict[str, Any]) -> Dict[str, Any]:
     saved = metadata.get("data") or {}
     cfg = resolve_model_data_config(model)
     return {
-        "img_size": [int(s) for s in model.patch_embed.img_size],
+        "img_size": list(default_img_size(model)),
         "mean": list(saved.get("mean", cfg["mean"])),
         "std": list(saved.get("std", cfg["std"])),
     }
@@ -467,7 +472,7 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
     if not vtp.gates(model):
         raise VTPError(f"{source}: the model has no gates; prune a sparse-trained model")
     model.to(ctx.info.device)
-    img_size = (args.img_size,) * 2 if args.img_size else tuple(model.patch_embed.img_size)
+    img_size = (args.img_size,) * 2 if args.img_size else default_img_size(model)
     try:
         if args.plan:
             plan = vtp.PruningPlan.load(args.plan)
@@ -543,32 +548,91 @@ def stage_eval_dense(args, ctx: Context, out_dir: str) -> Dict[str, Any]:
     return stage_eval(args, ctx, model, {**metadata, "data": data_meta}, out_dir, "dense")
 
 
+def _profile_and_time(args, ctx: Context, model, runner, name: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Size, MACs and (rank 0) measured images/s of ``runner``, the model or its export."""
+    img_size = tuple(settings["img_size"])
+    prof = vtp.profile(model, img_size)
+    out: Dict[str, Any] = dict(params=prof.params, macs=prof.macs, **settings)
+    if ctx.info.is_main and args.bench_steps > 0:
+        speed = measure_throughput({name: runner}, img_size, args.bench_batch_size, args.bench_steps,
+                                   ctx.info.device, in_chans=input_channels(model),
+                                   amp=args.amp, amp_dtype=args.amp_dtype)[name]
+        out.update(images_per_s=speed["images_per_s"], bench_seconds=speed["seconds"],
+                   bench_batch_size=args.bench_batch_size, device=str(ctx.info.device), amp=bool(args.amp))
+    return out
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """`vtp eval --runtime onnxruntime` runs the exported model on the CPU."""
+    if getattr(args, "runtime", "torch") != "onnxruntime":
+        return
+    if args.device == "cuda":
+        raise VTPError("--runtime onnxruntime: runs on the CPU; pass --device cpu (or auto)")
+    args.device = "cpu"
+    if args.amp:
+        raise VTPError("--runtime onnxruntime: runs the float32 export; drop --amp")
+    try:
+        import onnxruntime  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        raise VTPError("--runtime onnxruntime: ONNX Runtime is not installed: pip install 'vtp[export]'") from None
+
+
+def check_export_args(args: argparse.Namespace) -> None:
+    """Where `vtp export` writes must be writable before any work."""
+    if not args.output:
+        raise VTPError("--output: give the FILE to write (e.g. model.onnx)")
+    if os.path.isdir(args.output):
+        raise VTPError(f"--output {args.output}: is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        raise VTPError(f"--output {args.output}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise VTPError(f"--output {args.output}: the folder {parent} is not writable")
+
+
+def stage_export(args, model, metadata: Dict[str, Any], source: str, say) -> Dict[str, Any]:
+    """The model in SOURCE as one ONNX or torch.export file, checked against the model."""
+    img_size = (args.img_size,) * 2 if args.img_size else default_img_size(model)
+    try:
+        check = vtp.export(model, args.output, format=args.format, img_size=img_size,
+                           batch_size=args.batch_size, opset=args.opset)
+    except ImportError as e:
+        raise VTPError(str(e)) from None
+    except ValueError as e:
+        raise VTPError(f"export of {source} failed its check: {e}") from None
+    say(f"export: {source} -> {args.output} ({args.format}, {check.bytes / 1e6:.1f} MB); checked at "
+        f"batch {', '.join(map(str, check.batch_sizes))}: max |difference| {check.max_abs_error:.2g} "
+        f"(tolerance {check.tolerance:.2g})")
+    return check.to_dict()
+
+
 def stage_eval(args, ctx: Context, model, metadata: Dict[str, Any], out_dir: str,
                name: str) -> Dict[str, Any]:
     """Accuracy on the validation split, size, MACs and measured images/s; eval.json."""
     _, val_ds, _, settings = _saved_model_datasets(args, model, metadata, name, need_train=False)
     model.eval().to(ctx.info.device)
-    result: Dict[str, Any] = {"name": name}
-    if val_ds is not None and len(val_ds):
-        loader = data.eval_loader(val_ds, batch_size=args.eval_batch_size, rank=ctx.info.rank,
-                                  world_size=ctx.info.world_size, workers=args.workers,
-                                  pin_memory=ctx.info.device.type == "cuda")
-        result.update(evaluate(model, loader, ctx.info, args.amp, args.amp_dtype))
-    img_size = tuple(settings["img_size"])
-    prof = vtp.profile(model, img_size)
-    result.update(params=prof.params, macs=prof.macs, **settings)
-    if ctx.info.is_main and args.bench_steps > 0:
-        speed = measure_throughput({name: model}, img_size, args.bench_batch_size, args.bench_steps,
-                                   ctx.info.device, in_chans=model.patch_embed.proj.in_channels,
-                                   amp=args.amp, amp_dtype=args.amp_dtype)[name]
-        result.update(images_per_s=speed["images_per_s"], bench_seconds=speed["seconds"],
-                      bench_batch_size=args.bench_batch_size, device=str(ctx.info.device),
-                      amp=bool(args.amp))
+    runtime = getattr(args, "runtime", "torch")
+    result: Dict[str, Any] = {"name": name, "runtime": runtime}
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = model
+        if runtime == "onnxruntime":
+            # What a deployment runs: the exported file, checked against the model first.
+            check = vtp.export(model, os.path.join(tmp, "model.onnx"), format="onnx",
+                               img_size=tuple(settings["img_size"]))
+            runner = OnnxRuntimeModel(check.path, threads=torch.get_num_threads())
+            result["export_check"] = check.to_dict()
+        if val_ds is not None and len(val_ds):
+            loader = data.eval_loader(val_ds, batch_size=args.eval_batch_size, rank=ctx.info.rank,
+                                      world_size=ctx.info.world_size, workers=args.workers,
+                                      pin_memory=ctx.info.device.type == "cuda")
+            result.update(evaluate(runner, loader, ctx.info, args.amp, args.amp_dtype))
+        result.update(_profile_and_time(args, ctx, model, runner, name, settings))
     if ctx.info.is_main:
         write_json(os.path.join(out_dir, "eval.json"), jsonable(result))
         acc = f"top-1 {result['val_acc1']:.2f} %, " if "val_acc1" in result else ""
         ips = f", {result['images_per_s']:.1f} images/s" if "images_per_s" in result else ""
-        ctx.say(f"eval {name}: {acc}{_human(prof.params)}params, {_human(prof.macs)}MACs{ips}")
+        via = " through ONNX Runtime" if runtime == "onnxruntime" else ""
+        ctx.say(f"eval {name}{via}: {acc}{_human(result['params'])}params, {_human(result['macs'])}MACs{ips}")
     distributed.barrier(ctx.info)
     model.to("cpu")
     return result
