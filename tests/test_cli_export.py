@@ -101,3 +101,14 @@ def test_the_command_takes_an_eva_model(data_dir, tmp_path):
                            "-o", str(tmp_path / "e")], FAST)) == 0
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["macs"] == vtp.profile(pruned).macs
     assert cli.main(["export", str(tmp_path / "p"), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+
+
+def test_a_model_that_could_not_be_saved_stops_before_training(data_dir, tmp_path, capsys):
+    """An option save cannot describe (here an activation the architecture name does not
+    fix) is found before the first step, not after the last."""
+    from cli_helpers import TINY_MODEL
+
+    err = _error(capsys, flags(["sparse-train", "--data", str(data_dir), "-b", "8", "-o", str(tmp_path / "s"),
+                                "--model-kwargs", '{"act_layer": "gelu_tanh"}'], TINY_MODEL, FAST))
+    assert "the trained model could not be saved" in err and "approximate" in err
+    assert not (tmp_path / "s" / "checkpoints").exists()

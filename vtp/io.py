@@ -33,7 +33,7 @@ from .plan import PruningPlan
 from .prune import prune
 from .rebuild import build, describe, read_drop_path_rate
 
-__all__ = ["save", "load", "read_config", "is_model_dir", "SavedConfig", "build_model"]
+__all__ = ["save", "load", "read_config", "is_model_dir", "check_saveable", "SavedConfig", "build_model"]
 
 MODEL_FORMAT = "vtp-model"
 MODEL_VERSION = 2
@@ -154,7 +154,7 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
             json.dumps(metadata)
         except TypeError as e:
             raise TypeError(f"metadata: must be JSON-serialisable ({e})") from None
-    config = {"format": MODEL_FORMAT, "version": MODEL_VERSION, **_describe(model)}
+    config = _saveable_config(model)
     state, storages = {}, set()
     for k, v in model.state_dict().items():
         t = v.detach().contiguous().cpu()
@@ -164,8 +164,6 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
         state[k] = t
-    config["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    _check_rebuild(model, config, state)
     config["metadata"] = metadata or {}
 
     def fill(tmp: Path) -> None:
@@ -175,6 +173,21 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
         write_json(tmp / CONFIG_FILE, config)
 
     return replace_directory(target, fill)
+
+
+def _saveable_config(model: nn.Module) -> dict:
+    """config.json's description of ``model``, once a model built from it has been found
+    identical in structure; a ``TypeError`` otherwise."""
+    config = {"format": MODEL_FORMAT, "version": MODEL_VERSION, **_describe(model),
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    _check_rebuild(model, config, model.state_dict())
+    return config
+
+
+def check_saveable(model: nn.Module) -> None:
+    """Raise the ``TypeError`` that ``save`` would raise for ``model``, without writing
+    anything: worth calling before a long job whose result is saved."""
+    _saveable_config(model)
 
 
 def _check_rebuild(model: nn.Module, config: dict, state: dict) -> None:

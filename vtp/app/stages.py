@@ -22,7 +22,7 @@ import vtp
 import vtp_kernels
 from vtp.atomic import write_json
 from vtp.export import OnnxRuntimeModel
-from vtp.io import is_model_dir, read_config
+from vtp.io import check_saveable, is_model_dir, read_config
 from vtp.profile import default_img_size, input_channels
 
 from . import data, distributed, models, train
@@ -412,6 +412,14 @@ def _starting_point(args) -> str:
     return "from random weights"
 
 
+def _check_saveable(args, model) -> None:
+    """A model vtp.save would refuse stops the stage before training, not after."""
+    try:
+        check_saveable(model)
+    except TypeError as e:
+        raise VTPError(f"--model {args.model}: the trained model could not be saved: {e}") from None
+
+
 def stage_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = "",
                 after_step=None) -> Dict[str, Any]:
     """Dense training (`vtp train`, and `vtp run --train-epochs`): an ordinary timm model
@@ -421,6 +429,7 @@ def stage_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = ""
     num_classes = args.num_classes or (spec.num_classes if spec else 1000)
     model, metadata, record = dense_model(args, num_classes)
     models.set_drop_path(model, args.drop_path)
+    _check_saveable(args, model)
     settings = _data_settings(model, metadata)
     train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
     summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
@@ -451,6 +460,7 @@ def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: s
         vtp.add_gates(model, args.sites)
     except (TypeError, ValueError) as e:
         raise VTPError(f"--model {args.model}: {e}") from None
+    _check_saveable(args, model)
     settings = _data_settings(model, metadata)
     train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
     summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
