@@ -1,0 +1,228 @@
+"""Pruned ViTs on the CPU: is the speed-up what the MACs say? A record, not a test.
+
+For DeiT-S and DeiT-B (timm configs, random weights, nothing downloaded): gates get random
+values (uniform in [0, 1): a global threshold then cuts every site), and ``vtp.plan`` prunes
+20 % and 40 % of the gated dims and to a FLOPs target of 0.55, each with every ``round_to``.
+Against them: the dense model and a uniformly narrower timm ViT of about the FLOPs-target
+MACs (same depth and heads, smaller embed_dim, what a user would train instead of pruning).
+Layout variants of the FLOPs-target plan: ``packed`` (VTP's: each head keeps only its kept
+value dims) and ``heads`` (each kept head keeps all its value dims: the layout a
+zero-padded V would execute, at its extra MACs).
+
+Every model of one (batch size, eager or torch.compile) group is timed in turns, one forward
+each per round, after warm-up, in inference mode with ``--threads`` threads; the record keeps
+every time. Speed-up is the dense median over the variant's; the MAC ratio is that of the
+kept dimensions (``vtp.profile``), so padded work counts as work, not as savings.
+
+    python benchmarks/bench_pruned_cpu.py                       # the record (about an hour)
+    python benchmarks/bench_pruned_cpu.py --models deit_small_patch16_224 --modes eager
+    python benchmarks/bench_pruned_cpu.py --smoke --out /tmp    # seconds: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the checkout's vtp, not an installed copy
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vtp  # noqa: E402
+from vtp.app.tables import format_table  # noqa: E402
+from vtp.atomic import atomic_write, write_json  # noqa: E402
+
+MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")
+SMOKE = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="timm model names")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="images per forward")
+    p.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.4], help="plans of vtp.plan(ratio=R)")
+    p.add_argument("--flops-target", type=float, default=0.55, help="the plan of vtp.plan(flops_target=F)")
+    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16], help="round_to of every plan")
+    p.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"],
+                   help="eager, and torch.compile (inductor); compiled: dense, uniform and the "
+                        "FLOPs-target plans only (a compile costs minutes on a CPU)")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds (every model once per round)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, gates and inputs")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder of the JSON and PNG")
+    p.add_argument("--smoke", action="store_true", help="a tiny ViT, eager, 2 rounds: checks the script")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.batch_sizes, args.modes, args.repeats, args.warmup = ["smoke"], [2], ["eager"], 2, 1
+        args.round_to = [1, 8]
+    return args
+
+
+def build(name: str, **overrides) -> torch.nn.Module:
+    kwargs = {**SMOKE, **overrides} if name == "smoke" else overrides
+    return timm.create_model("vit_tiny_patch16_224" if name == "smoke" else name, pretrained=False,
+                             **kwargs).eval()
+
+
+def heads_layout(plan: vtp.PruningPlan) -> vtp.PruningPlan:
+    """The plan with every kept head keeping all its value dims."""
+    kept = dict(plan.kept)
+    d = plan.head_dim
+    for name, idx in plan.kept.items():
+        if name.endswith("attn_out"):
+            heads = sorted({i // d for i in idx})
+            kept[name] = [h * d + j for h in heads for j in range(d)]
+    return vtp.PruningPlan(kept=kept, sizes=plan.sizes, head_dim=d, rule={**plan.rule, "layout": "heads"})
+
+
+def uniform_model(name: str, target_macs: int) -> torch.nn.Module:
+    """Same depth and heads, the embed_dim (a multiple of the heads' count times 8) whose
+    MACs come closest to ``target_macs``."""
+    dense = build(name)
+    heads = dense.blocks[0].attn.num_heads
+    best = None
+    for dim in range(heads * 8, dense.embed_dim, heads * 8):
+        candidate = build(name, embed_dim=dim) if name != "smoke" else build(name, embed_dim=dim)
+        macs = vtp.profile(candidate).macs
+        if best is None or abs(macs - target_macs) < abs(best[0] - target_macs):
+            best = (macs, dim, candidate)
+    return best[2]
+
+
+def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Dict[str, dict]:
+    torch.manual_seed(seed)
+    dense = build(name)
+    gated = vtp.add_gates(copy.deepcopy(dense))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in vtp.gates(gated).values():
+            gate.copy_(torch.rand(gate.shape, generator=g))
+    out = {"dense": {"model": dense, "kind": "dense"}}
+    for rt in round_tos:
+        for ratio in ratios:
+            plan = vtp.plan(gated, ratio=ratio, round_to=rt)
+            out[f"ratio {ratio:g} round_to {rt}"] = {"model": vtp.prune(gated, plan).eval(), "kind": "pruned",
+                                                     "ratio": ratio, "round_to": rt, "layout": "packed"}
+        plan = vtp.plan(gated, flops_target=flops_target, round_to=rt)
+        key = f"flops {flops_target:g} round_to {rt}"
+        out[key] = {"model": vtp.prune(gated, plan).eval(), "kind": "pruned", "flops_target": flops_target,
+                    "round_to": rt, "layout": "packed"}
+        out[key + " heads"] = {"model": vtp.prune(gated, heads_layout(plan)).eval(), "kind": "pruned",
+                               "flops_target": flops_target, "round_to": rt, "layout": "heads"}
+    target = vtp.profile(out[f"flops {flops_target:g} round_to {round_tos[0]}"]["model"]).macs
+    uniform = uniform_model(name, target)
+    out["uniform"] = {"model": uniform, "kind": "uniform", "embed_dim": uniform.embed_dim}
+    dense_macs = vtp.profile(dense).macs
+    for v in out.values():
+        v["macs"] = vtp.profile(v["model"]).macs
+        v["params"] = sum(p.numel() for p in v["model"].parameters())
+        v["mac_ratio"] = dense_macs / v["macs"]
+    return out
+
+
+def time_group(models: Dict[str, torch.nn.Module], batch: int, img: int, repeats: int, warmup: int,
+               seed: int) -> Dict[str, List[float]]:
+    x = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed))
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            for _ in range(warmup):
+                m(x)
+        for _ in range(repeats):
+            for k, m in models.items():
+                start = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: List[float]) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(times), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+
+
+def plot(record: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["mode"], r["batch"]) for r in record["results"]})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
+    for ax, (model, mode, batch) in zip(axes[0], groups):
+        rows = [r for r in record["results"] if (r["model"], r["mode"], r["batch"]) == (model, mode, batch)]
+        top = max(max(r["mac_ratio"], r["speedup"]) for r in rows) * 1.1
+        ax.plot([1, top], [1, top], "k:", linewidth=1, label="speed-up = MAC ratio")
+        for kind, marker in (("pruned", "o"), ("uniform", "s"), ("dense", "^")):
+            sel = [r for r in rows if r["kind"] == kind]
+            ax.scatter([r["mac_ratio"] for r in sel], [r["speedup"] for r in sel], marker=marker, label=kind)
+        ax.set_title(f"{model.split('_patch')[0]} {mode} batch {batch}", fontsize=9)
+        ax.set_xlabel("MAC ratio (dense / kept)")
+        ax.set_ylabel("speed-up (dense / model, median)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"CPU: {record['cpu']}, {record['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    record = {
+        "benchmark": "pruned_cpu", "command": " ".join([sys.executable] + sys.argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": platform.processor() or
+        platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": [],
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            record["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    stem = os.path.join(args.out, "pruned_cpu_smoke" if args.smoke else "pruned_cpu")
+    rows = []
+    for name in args.models:
+        vs = variants(name, args.seed, args.ratios, args.flops_target, args.round_to)
+        img = vs["dense"]["model"].patch_embed.img_size[0]
+        for mode in args.modes:
+            chosen = {k: v for k, v in vs.items() if mode == "eager" or not k.startswith("ratio")}
+            models = {k: v["model"] for k, v in chosen.items()}
+            if mode == "compile":
+                models = {k: torch.compile(m) for k, m in models.items()}
+            for batch in args.batch_sizes:
+                times = time_group(models, batch, img, args.repeats, args.warmup, args.seed)
+                dense_ms = statistics.median(times["dense"])
+                for k, t in times.items():
+                    v = chosen[k]
+                    r = {"model": name, "variant": k, "mode": mode, "batch": batch, "seconds": t,
+                         "speedup": dense_ms / statistics.median(t), **summarise(t),
+                         **{f: v[f] for f in v if f != "model"}}
+                    r["speedup_per_mac_ratio"] = r["speedup"] / r["mac_ratio"]
+                    record["results"].append(r)
+                    rows.append([name.split("_patch")[0], mode, batch, k, f"{r['macs'] / 1e9:.3f}",
+                                 f"{r['mac_ratio']:.2f}", f"{r['median_ms']:.1f}",
+                                 f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f}", f"{r['speedup']:.2f}",
+                                 f"{r['speedup_per_mac_ratio']:.2f}"])
+                # after every group: a run cut short keeps what it measured
+                write_json(stem + ".json", record)
+    print(format_table(["model", "mode", "batch", "variant", "GMACs", "MAC ratio", "median ms", "IQR ms",
+                        "speed-up", "speed-up / MAC ratio"], rows))
+    plot(record, stem + ".png")
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
