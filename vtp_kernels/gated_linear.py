@@ -55,7 +55,7 @@ __all__ = ["gated_linear_triton"]
 
 
 # ---------------------------------------------------------------------------------------
-# Kernels
+# Launch configurations
 # ---------------------------------------------------------------------------------------
 # Both kernels are memory-bound passes over one [N, K] matrix, tiled BLOCK_N x BLOCK_K with
 # K along the contiguous dim. On a GPU, 32 x 128 tiles under 4 warps give every thread four
@@ -66,6 +66,10 @@ __all__ = ["gated_linear_triton"]
 BLOCK_N, BLOCK_K = (64, 256) if interpreter_enabled() else (32, 128)
 NUM_WARPS = 4
 
+
+# ---------------------------------------------------------------------------------------
+# Kernels: the folded weight, and the weight and gate gradients
+# ---------------------------------------------------------------------------------------
 
 @triton.jit
 def _scale_weight_kernel(
