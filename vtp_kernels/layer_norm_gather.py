@@ -43,7 +43,9 @@ __all__ = ["layer_norm_gather_triton"]
 # nearly every block, and the best tile depends on the padded width the kernel works on,
 # so a DeiT-B plan tunes a few buckets instead of ~24 widths. Forward tiles above 8192
 # elements would spill registers and are pruned before benchmarking; the backward, which
-# holds several such tiles, is pruned more tightly.
+# holds several such tiles, is pruned more tightly. The row count only masks whole rows, so
+# it is not specialised (no recompile per batch size); D, k and the row strides are, since
+# their divisibility decides the vector width of row loads and stores.
 _CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": block_m}, num_warps=num_warps)
      for block_m in (1, 2, 4, 8, 16) for num_warps in (4, 8)],
@@ -74,7 +76,7 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 # ---------------------------------------------------------------------------------------
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_D", "BLOCK_K"],
                  prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _layer_norm_gather_fwd_kernel(
     X, Y, W, B, Index, Mean, Rstd,
     M, D, K, stride_xm, stride_ym, eps,
@@ -123,7 +125,7 @@ def _layer_norm_gather_fwd_kernel(
 # partial-sum buffer is [programs, k] regardless of M and the final sum is tiny.
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_D"],
                  prune_configs_by={"early_config_prune": _prune_bwd_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_program"])
 def _layer_norm_gather_bwd_kernel(
     DY, X, W, Mean, Rstd, Pos, DX, DW_partial, DB_partial,
     M, D, K, stride_dym, stride_xm, stride_dxm, rows_per_program,

@@ -79,12 +79,21 @@ def _configs(interpreted: Tuple[int, int], cuda: Sequence[Tuple[int, int, int, i
 
 _FWD_CONFIGS = _configs((128, 128), [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                                      (128, 32, 4, 4), (64, 32, 4, 4)])
-_DKDV_CONFIGS = _configs((128, 128), [(32, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 3),
+# (32, 128) keys per dK/dV program needs 8 warps: with 4, sm_90 code spills (255 registers).
+_DKDV_CONFIGS = _configs((128, 128), [(32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3),
                                       (64, 128, 8, 2)])
 _DQ_CONFIGS = _configs((128, 128), [(64, 32, 4, 3), (128, 32, 4, 2), (64, 64, 4, 3),
                                     (128, 64, 8, 2)])
 _DELTA_BLOCK_M = 128
 _KEY = ["N", "HEAD_DIM", "BLOCK_V"]
+# Triton would specialise every integer argument on being divisible by 16 (or equal to 1),
+# so a pruned model, whose blocks each have their own head count, packed width and qkv row,
+# would compile every kernel once per block. The alignment the kernels need is promised
+# through QK_ALIGN / V_ALIGN instead (``_aligned``), so these are not specialised; the
+# last-dim strides are, since a unit stride is what makes a tile contiguous.
+_NOT_SPECIALISED = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+                    "stride_vb", "stride_vn", "H", "N", "n_kept", "v_total"]
+_NOT_SPECIALISED_BWD = _NOT_SPECIALISED + ["stride_dob", "stride_don"]
 
 
 @triton.jit
@@ -136,7 +145,7 @@ def _attn_fwd_inner(
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_fwd(
     Q, K, V, Out, Lse, Heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -193,7 +202,7 @@ def _attn_fwd(
 # ---------------------------------------------------------------------------------------
 # Backward kernels: delta, dK and dV, dQ
 # ---------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["stride_dob", "stride_don", "H", "N", "n_kept", "v_total"])
 def _attn_bwd_delta(
     Out, DO, Delta, Heads,
     stride_dob, stride_don, stride_doc,
@@ -220,7 +229,7 @@ def _attn_bwd_delta(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
 def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, Heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -286,7 +295,7 @@ def _attn_bwd_dkdv(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
 def _attn_bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ, Heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
