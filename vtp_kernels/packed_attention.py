@@ -39,6 +39,11 @@ When q, k and v are views of one qkv row of 2·H·D + sum(widths) (+ padding) el
     round_to = 1     widths are odd: V_ALIGN = 1 (scalar V loads and O stores); QK_ALIGN = 8
                      only if the caller pads the qkv row to a multiple of 8 elements
 
+Compiled for sm_90a by Triton 3.6 (benchmarks/results/compile_sm90_triton3.6.0.md), every
+dot is a wgmma, but each is waited for at once (``warp_group_dot_wait {pendings = 0}``):
+the two dots of an iteration feed each other through the softmax. At N = 197 the key loop
+has 4-7 steps, so loads (cp.async, 16 bytes when aligned) matter more than that overlap.
+
 Shapes: q, k ``[B, H, N, D]`` and v ``[B, N, sum(v_widths)]`` with any strides; out and
 the gradients are dense. fp16, bf16 or fp32; scores, softmax and accumulators in fp32.
 """
