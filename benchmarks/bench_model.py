@@ -238,6 +238,17 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
         "models": {}, "correctness": {}, "results": [],
     }
 
+    stem = common.output_stem(args.out, "model", args.smoke, record["device"], args.tag)
+
+    def save(plot_fn=None):
+        # After every measurement: a run cut short (a time limit, a crash) keeps what it measured.
+        record["medians_ms"] = {key(r): r["median_ms"] for r in record["results"] if "median_ms" in r}
+        record["speedups"] = {key(r): r["speedup_vs_dense"] for r in record["results"] if "speedup_vs_dense" in r}
+        if plot_fn is None:
+            common.write_json(stem + ".json", record)
+        else:
+            common.save_record(record, stem, plot_fn)
+
     def run(model_name, label, model, backend, compiled, mode, extra):
         if compiled:
             torch._dynamo.reset()  # fresh caches: no recompile limit, no shapes marked dynamic
@@ -251,6 +262,7 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
                "batch": args.batch, **extra, **res}
         record["results"].append(row)
         print(format_row(row), flush=True)
+        save()
         return row
 
     print(header(), flush=True)
@@ -291,16 +303,19 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
                         row = run(model_name, label, small, backend, compiled, mode, extra)
                         if "median_ms" in row and "median_ms" in base:
                             row["speedup_vs_dense"] = base["median_ms"] / row["median_ms"]
+                            save()
                             print(f"{'':>55}speed-up {row['speedup_vs_dense']:.2f}x at "
                                   f"MACs x{1 / extra['macs_ratio']:.2f} fewer", flush=True)
         del dense, pruned
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    record["medians_ms"] = {key(r): r["median_ms"] for r in record["results"] if "median_ms" in r}
-    record["speedups"] = {key(r): r["speedup_vs_dense"] for r in record["results"] if "speedup_vs_dense" in r}
-    stem = common.output_stem(args.out, "model", args.smoke, record["device"], args.tag)
-    common.save_record(record, stem, None if args.no_plot else plot)
+    record["finished"] = True
+    if args.no_plot:
+        save()
+        print(f"wrote {stem}.json")
+    else:
+        save(plot)
     return record
 
 

@@ -1,12 +1,12 @@
 """What the benchmark scripts in this folder share: paths, the run's environment, timers,
-records, plots and argument helpers.
+records, plots, archives, processes under a time limit and argument helpers.
 
 Every benchmark writes a JSON record that has to say where and how it was measured (device,
 library versions, the command that reproduces it) and keep every raw timing, so that a
 number in a table can be traced back and re-measured. Keeping those pieces here makes the
 records of different scripts agree with each other.
 
-Only the standard library is imported at module level: the runner (run_all.py) imports
+Only the standard library is imported at module level: the runner (gpu_check.py) imports
 this module without torch, and the scripts import torch and triton only after --smoke has
 had the chance to set TRITON_INTERPRET. Importing this module puts the repository root on
 sys.path, so ``vtp`` and ``vtp_kernels`` import from the checkout without installing.
@@ -24,9 +24,13 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -255,6 +259,9 @@ def require_within(errors: Dict[str, float], bound: float, what: str, measure: s
 def write_atomically(path: str, write: Callable[[str], None]) -> str:
     """Have ``write`` fill a temporary file beside ``path``, then move it into place.
 
+    Every record, text, plot and archive the benchmarks write goes through here (the live
+    step logs are the one exception: they are streamed, and archived whole afterwards).
+
     A reader (or a run killed half-way) never sees a half-written record or plot: ``path``
     holds either the old file or the complete new one.
     """
@@ -285,6 +292,16 @@ def write_json(path, record) -> str:
     return write_atomically(str(path), write)
 
 
+def write_text(path, text: str) -> str:
+    """Write ``text`` to ``path`` atomically (parents created); returns the path."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return write_atomically(str(path), write)
+
+
 def save_record(record, stem: str, plot: Optional[Callable[[object, str], None]]) -> None:
     """Write ``<stem>.json`` and, unless ``plot`` is None, ``<stem>.png`` drawn by
     ``plot(record, path)``; then say on stdout what was written."""
@@ -292,6 +309,17 @@ def save_record(record, stem: str, plot: Optional[Callable[[object, str], None]]
     if plot is not None:
         plot(record, stem + ".png")
     print(f"wrote {stem}.json" + ("" if plot is None else f" and {stem}.png"))
+
+
+def pack(folder: str, archive: str) -> str:
+    """Every file below ``folder`` into the .tar.gz ``archive``, written atomically."""
+    def write(tmp):
+        with tarfile.open(tmp, "w:gz") as tar:
+            for dirpath, _, filenames in sorted(os.walk(folder)):
+                for name in sorted(filenames):
+                    path = os.path.join(dirpath, name)
+                    tar.add(path, arcname=os.path.relpath(path, folder))
+    return write_atomically(archive, write)
 
 
 def pyplot():
@@ -368,3 +396,67 @@ def subset(text: str, allowed: Iterable[str], flag: str) -> List[str]:
     if unknown:
         raise SystemExit(f"{flag}: unknown {unknown}; expected a subset of {','.join(allowed)}")
     return chosen
+
+
+# ---------------------------------------------------------------------------------------
+# Processes with a deadline
+# ---------------------------------------------------------------------------------------
+class RunningChild:
+    """The process a runner waits on, so that a SIGTERM to the runner can end it first."""
+    proc: Optional[subprocess.Popen] = None
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """End ``proc`` and everything it started (compile workers): SIGTERM to its process
+    group, SIGKILL 10 s later if it is still there."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(cmd: Sequence[str], env: Dict[str, str], log_path: str, timeout: float,
+               cwd: str = ROOT) -> Dict[str, object]:
+    """Run ``cmd``, its output both to our stdout and to ``log_path``; ended (with its
+    process group) after ``timeout`` seconds. Returns status ("ok", "failed" or "timeout"),
+    exit code and seconds."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        # Its own process group, so that a time-out ends its compile workers too; not its own
+        # session, so that whoever ends the runner's session ends it as well.
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, **group)
+        RunningChild.proc = proc
+
+        def copy():
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=max(timeout, 1.0))
+            status = "ok" if proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            stop_process_group(proc)
+            status = "timeout"
+        reader.join(timeout=10)
+        RunningChild.proc = None
+        seconds = time.monotonic() - start
+        if status == "timeout":
+            log.write(f"\n[stopped after {seconds:.0f} s: the time limit of {timeout:.0f} s was up]\n")
+    return {"status": status, "returncode": proc.returncode, "seconds": round(seconds, 1)}

@@ -1,6 +1,6 @@
 """benchmarks/bench_model.py and bench_gated_training.py --smoke run on the CPU and write
-complete records; the shared benchmark helpers write whole files; run_all.py runs, times out,
-skips and packs its steps (checked with a stand-in interpreter, since it needs a GPU)."""
+complete records, and rewrite them after every measurement; the shared benchmark helpers
+write whole files and run processes under a time limit."""
 import importlib.util
 import json
 import os
@@ -19,9 +19,15 @@ def bench():
     return module
 
 
-def test_smoke_eager_record(bench, tmp_path):
+def test_smoke_eager_record(bench, tmp_path, monkeypatch):
+    writes = []
+    write_json = bench.common.write_json
+    monkeypatch.setattr(bench.common, "write_json", lambda path, rec: writes.append(len(rec["results"])) or
+                        write_json(path, rec))
     bench.main(["--smoke", "--no-compile", "--ratios", "0.4", "--flops-targets", "0.5",
                 "--round-to-sweep", "8", "--iters", "2", "--out", str(tmp_path)])
+    # Written as the measurements come in, not only at the end.
+    assert writes[0] == 1 and len(set(writes)) > 3
     record = json.loads((tmp_path / "model_smoke.json").read_text())
     assert (tmp_path / "model_smoke.png").stat().st_size > 0
     for field in ("device", "versions", "command", "config", "models", "results", "medians_ms", "speedups"):
@@ -52,8 +58,7 @@ def test_smoke_compiled_inference(bench, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# bench_gated_training.py and the pieces the benchmarks share (benchmarks/common.py,
-# benchmarks/run_all.py)
+# bench_gated_training.py and the pieces the benchmarks share (benchmarks/common.py)
 # ---------------------------------------------------------------------------------------
 def _load(name):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
@@ -103,59 +108,26 @@ def test_common_names_and_commands():
         common.subset("a,z", ["a", "b"], "--x")
 
 
-STUB = '''#!{python}
-# Stands in for the GPU machine's interpreter: a preflight that finds a GPU, and benchmark
-# steps that write a record (bench_gated_training fails).
-import json, os, sys
-if sys.argv[1] == "-c":
-    print(json.dumps({{"device": "Test GPU 1", "gpus": 1, "versions": {{"torch": "t"}}}}))
-    sys.exit(0)
-out = sys.argv[sys.argv.index("--out") + 1]
-name = os.path.basename(sys.argv[1])[:-3]
-with open(os.path.join(out, name + ".json"), "w") as f:
-    json.dump({{"correctness": {{"err": 0.001}}, "argv": sys.argv[1:]}}, f)
-print("ran", name, "TRITON_INTERPRET" in os.environ)
-sys.exit(3 if name == "bench_gated_training" else 0)
-'''
+def test_run_logged_ends_a_step_at_its_limit(tmp_path):
+    common = _load("common")
+    log = tmp_path / "logs" / "slow.log"
+    slow = common.run_logged([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                             dict(os.environ), str(log), timeout=2)
+    assert slow["status"] == "timeout" and slow["seconds"] < 30
+    text = log.read_text()
+    assert "started" in text and "time limit" in text
+    fast = common.run_logged([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), str(tmp_path / "f.log"), 30)
+    assert fast["status"] == "failed" and fast["returncode"] == 3
 
 
-def test_run_all_runs_every_step_and_packs(tmp_path, monkeypatch):
+def test_pack_writes_one_archive(tmp_path):
     import tarfile
 
-    run_all = _load("run_all")
-    stub = tmp_path / "python"
-    stub.write_text(STUB.format(python=sys.executable))
-    stub.chmod(0o755)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # must not reach the steps
-    out = tmp_path / "out"
-    summary = run_all.main(["--python", str(stub), "--out", str(out), "--pack", "--wheels", ""])
-
-    names = ["gated_linear", "layer_norm_gather", "packed_attention", "model_deit_s", "model_deit_b",
-             "gated_training"]
-    assert [s["name"] for s in summary["steps"]] == names
-    assert [s["status"] for s in summary["steps"]] == ["ok"] * 5 + ["failed"]
-    assert summary["environment"]["device"] == "Test GPU 1" and summary["finished"]
-    model_b = summary["steps"][4]
-    assert model_b["files"] == ["bench_model.json"] and model_b["correctness"] == {"bench_model.json": {"err": 0.001}}
-    assert "--tag test-gpu-1_deit-b" in model_b["command"] and "--round-to-sweep 8" in model_b["command"]
-
-    files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".tar.gz")
-    assert json.loads((out / files[0]).read_text()) == summary
-    with tarfile.open(out / files[1]) as tar:
-        members = set(tar.getnames())
-    assert {f"logs/{n}.log" for n in names} <= members and "bench_gated_linear.json" in members
-    with tarfile.open(out / files[1]) as tar:
-        log = tar.extractfile("logs/gated_linear.log").read().decode()
-    assert "ran bench_gated_linear False" in log
-
-
-def test_run_all_skips_steps_without_time(tmp_path):
-    run_all = _load("run_all")
-    stub = tmp_path / "python"
-    stub.write_text(STUB.format(python=sys.executable))
-    stub.chmod(0o755)
-    summary = run_all.main(["--python", str(stub), "--out", str(tmp_path), "--budget-s", "20",
-                            "--only", "gated_linear,model_deit_s", "--wheels", ""])
-    assert [s["status"] for s in summary["steps"]] == ["skipped", "skipped"]
-    assert "needs at least" in summary["steps"][0]["reason"]
+    common = _load("common")
+    (tmp_path / "work" / "logs").mkdir(parents=True)
+    (tmp_path / "work" / "a.json").write_text("{}")
+    (tmp_path / "work" / "logs" / "a.log").write_text("x")
+    archive = common.pack(str(tmp_path / "work"), str(tmp_path / "out" / "run.tar.gz"))
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["a.json", "logs/a.log"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.tar.gz"]

@@ -48,13 +48,13 @@ def test_gated_training_matches_across_backends(monkeypatch):
 
     kernels = importlib.import_module("vtp_kernels.gated_linear")
     calls = {"n": 0}
-    forward = kernels._forward
+    scale_weight = kernels._scale_weight
 
-    def counted_forward(*args):
+    def counted_scale_weight(*args):
         calls["n"] += 1
-        return forward(*args)
+        return scale_weight(*args)
 
-    monkeypatch.setattr(kernels, "_forward", counted_forward)
+    monkeypatch.setattr(kernels, "_scale_weight", counted_scale_weight)
 
     torch_losses, torch_gates = train(copy.deepcopy(model), images, labels, "torch")
     assert calls["n"] == 0

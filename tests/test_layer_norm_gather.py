@@ -15,7 +15,9 @@ import torch
 import triton
 
 import vtp_kernels
+from layouts import layouts_for, with_layout
 from vtp_kernels import reference
+from vtp_kernels._utils import poison_outputs
 
 # Held before any kernel module is imported: see test_public_op_survives_kernel_import.
 layer_norm_gather = vtp_kernels.layer_norm_gather
@@ -65,9 +67,12 @@ def _check(got, want, dtype, kind):
     torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol)
 
 
-def _compare(x, index, weight, bias, dtype):
-    with vtp_kernels.use_backend("triton"):
-        y, grads = _fwd_bwd(layer_norm_gather, x, index, weight, bias, dy := torch.randn(*x.shape[:-1], len(index)).to(dtype))
+def _compare(x, index, weight, bias, dtype, dy=None):
+    if dy is None:
+        dy = torch.randn(*x.shape[:-1], len(index)).to(dtype)
+    # Every buffer the kernels allocate starts as NaN: an element left unwritten fails.
+    with vtp_kernels.use_backend("triton"), poison_outputs():
+        y, grads = _fwd_bwd(layer_norm_gather, x, index, weight, bias, dy)
     y_ref, grads_ref = _fwd_bwd(reference.layer_norm_gather, x, index, weight, bias, dy, upcast=True)
     _check(y, y_ref, dtype, "out")
     _check(grads[0], grads_ref[0], dtype, "out")
@@ -84,17 +89,26 @@ def test_matches_reference(dtype, k, affine):
     _compare(*_inputs(dtype, k, affine), dtype)
 
 
-@pytest.mark.parametrize("layout", ["row_slice", "permuted", "column_stride"])
-def test_non_contiguous_x(layout):
-    base = 3.0 + 2.5 * torch.randn(3, 37, 2 * D)
-    x = {
-        "row_slice": base[..., 5:5 + D],                  # row stride 2D: read in place
-        "permuted": base[..., :D].transpose(0, 1),        # leading dims not flattenable
-        "column_stride": base[..., ::2],                  # last-dim stride 2
-    }[layout]
-    assert not x.is_contiguous()
-    _, index, weight, bias = _inputs(torch.float32, 13, "both")
-    _compare(x, index, weight, bias, torch.float32)
+@pytest.mark.parametrize("d, k", [(1, 1), (7, 3), (8, 8), (64, 24), (200, 199)],
+                         ids=["d1", "odd", "d8", "multiple_of_8", "wide_odd"])
+def test_widths(d, k):
+    _compare(*_inputs(torch.float32, k, "both", shape=(5, 9, d), d=d), torch.float32)
+
+
+LAYOUT_CASES = [(name, layout) for name, rank in (("x", 3), ("weight", 1), ("bias", 1), ("index", 1), ("dy", 3))
+                for layout in layouts_for(rank)
+                if layout != "contiguous" and not (name == "index" and layout == "expanded")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, layout", LAYOUT_CASES, ids=[f"{n}-{lay}" for n, lay in LAYOUT_CASES])
+def test_every_layout_of_every_input(name, layout, dtype):
+    # One input at a time in a non-default layout (an expanded index would repeat columns,
+    # which the op does not accept), the others contiguous.
+    x, index, weight, bias = _inputs(dtype, 13, "both")
+    given = dict(x=x, index=index, weight=weight, bias=bias, dy=torch.randn(*SHAPE[:-1], 13).to(dtype))
+    given[name] = with_layout(given[name], layout)
+    _compare(given["x"], given["index"], given["weight"], given["bias"], dtype, dy=given["dy"])
 
 
 def test_other_ranks_and_unsorted_index():
@@ -154,6 +168,14 @@ def test_torch_compile_fullgraph():
         loss(*eager).backward()
     for got, want in zip(leaves, eager):
         torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)  # same kernels, same order
+
+
+def test_autotuning_is_keyed_on_padded_widths():
+    # A pruned model keeps a different k in nearly every block; keyed on the padded widths,
+    # a DeiT-B plan tunes a few buckets instead of one key per block.
+    kernels = importlib.import_module("vtp_kernels.layer_norm_gather")
+    assert kernels._layer_norm_gather_fwd_kernel.keys == ["BLOCK_D", "BLOCK_K"]
+    assert kernels._layer_norm_gather_bwd_kernel.keys == ["BLOCK_D"]
 
 
 def test_backward_configs_that_would_spill_are_pruned():

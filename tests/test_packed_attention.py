@@ -13,11 +13,15 @@ import pytest
 import torch
 
 import vtp_kernels
+from layouts import LAYOUTS, describe, with_layout
 from vtp_kernels import reference
+from vtp_kernels._utils import poison_outputs
 
-# (H, D, v_widths): widths 0 (dropped head), 1, 7 and a full 64-wide head; and H=3 with D=32.
-CASES = [(4, 64, (0, 1, 7, 64)), (3, 32, (32, 0, 5))]
-CASE_IDS = ["H4D64", "H3D32"]
+# (H, D, v_widths): widths 0 (dropped head), 1, 7 and a full 64-wide head; H=3 with D=32;
+# and eight 8-wide heads, where every offset and stride of a packed qkv row is a multiple
+# of 8 and the kernels promise 8-aligned strides to the compiler.
+CASES = [(4, 64, (0, 1, 7, 64)), (3, 32, (32, 0, 5)), (8, 16, (8,) * 8)]
+CASE_IDS = ["H4D64", "H3D32", "H8D16"]
 
 # fp32: exact fp32 dots; only the flash-style reordering of the softmax sums differs (~1e-7
 #       seen), so 1e-5 relative (and 1e-5 absolute for values near 0) has ample margin.
@@ -72,9 +76,9 @@ def test_forward_backward_match_reference(H, D, widths, N, dtype):
     B = 2 if N == 13 else 1
     qkv = make_qkv(B, N, H, D, widths, dtype)
     dout = torch.randn(B, N, sum(widths)).to(dtype)
-    with vtp_kernels.use_backend("triton"):
+    with vtp_kernels.use_backend("triton"), poison_outputs():
         out = vtp_kernels.packed_attention(*split_qkv(qkv, H, D), widths)
-    (grad,) = torch.autograd.grad(out, qkv, dout)
+        (grad,) = torch.autograd.grad(out, qkv, dout)
 
     qkv32 = qkv.detach().float().requires_grad_()
     want = reference.packed_attention(*split_qkv(qkv32, H, D), widths)
@@ -94,31 +98,73 @@ def test_forward_backward_match_reference(H, D, widths, N, dtype):
         assert torch.count_nonzero(dq[:, h]) == 0 and torch.count_nonzero(dk[:, h]) == 0
 
 
-def test_aligned_widths_and_odd_strides():
-    """Widths in multiples of 8 make the kernels promise 8-aligned strides to the compiler;
-    non-unit last-dim strides take the general path. Both must give the reference's result."""
-    from vtp_kernels.packed_attention import _alignment, _head_table
+def compare_separate_inputs(q, k, v, dout, widths, tol):
+    """q, k, v, dout as given (any layout): output and all three gradients against the
+    reference in fp32 on upcast copies, with every kernel buffer poisoned with NaN."""
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with vtp_kernels.use_backend("triton"), poison_outputs():
+        out = vtp_kernels.packed_attention(*leaves, widths)
+        grads = torch.autograd.grad(out, leaves, dout)
+    up = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = reference.packed_attention(*up, widths)
+    want_grads = torch.autograd.grad(want, up, dout.float())
+    assert out.dtype == q.dtype
+    assert_rel(out, want, tol, "out")
+    for name, got, ref in zip("qkv", grads, want_grads):
+        assert_rel(got, ref, tol, f"d{name}")
 
-    B, H, N, D, widths = 1, 3, 197, 32, (24, 0, 8)
-    qkv = make_qkv(B, N, H, D, widths, torch.float32)
-    q, k, v = split_qkv(qkv, H, D)
-    assert _alignment(_head_table(widths, q.device)[1], sum(widths), q, k, v) == 8
-    assert _alignment(_head_table((7, 1), q.device)[1], 8, q) == 1
 
-    # q with its head dim strided (D-major storage), v every other column of a wider tensor.
-    q2 = torch.randn(B, N, D, H).permute(0, 3, 1, 2).requires_grad_()
-    v2 = torch.randn(B, N, 2 * sum(widths))[..., ::2].requires_grad_()
-    dout = torch.randn(B, N, sum(widths))
-    for q_, v_ in ((q, v), (q2, v2)):
-        with vtp_kernels.use_backend("triton"):
-            out = vtp_kernels.packed_attention(q_, k, v_, widths)
-        grads = torch.autograd.grad(out, (q_, k, v_), dout)
-        leaves = [t.detach().clone().requires_grad_() for t in (q_, k, v_)]
-        want = reference.packed_attention(*leaves, widths)
-        want_grads = torch.autograd.grad(want, leaves, dout)
-        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        for got, ref in zip(grads, want_grads):
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+def test_unit_stride_outside_the_last_dim():
+    """A [B, N, D, H] tensor viewed as [B, H, N, D] has head stride 1. With 8-wide heads
+    everything else is 8-aligned; the unit stride must lower the alignment the kernels
+    promise, not be rounded down to 0."""
+    B, H, N, D, widths = 1, 8, 13, 16, (8,) * 8
+    q = torch.randn(B, N, D, H).permute(0, 3, 1, 2)
+    k = torch.randn(B, H, N, D)
+    v = torch.randn(B, N, sum(widths))
+    compare_separate_inputs(q, k, v, torch.randn(B, N, sum(widths)), widths, TOL[torch.float32])
+
+
+LAYOUT_CASES = [(name, layout) for name in ("q", "k", "v", "dout") for layout in LAYOUTS if layout != "contiguous"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, layout", LAYOUT_CASES, ids=[f"{n}-{lay}" for n, lay in LAYOUT_CASES])
+def test_every_layout_of_every_input(name, layout, dtype):
+    """One input at a time in a non-default layout, the others contiguous; widths in
+    multiples of 8 (and a dropped head), so that contiguous inputs are 8-aligned and each
+    layout has an alignment to break."""
+    B, H, N, D, widths = 2, 4, 13, 16, (8, 16, 0, 8)
+    given = dict(q=torch.randn(B, H, N, D), k=torch.randn(B, H, N, D), v=torch.randn(B, N, sum(widths)),
+                 dout=torch.randn(B, N, sum(widths)))
+    given = {n: t.to(dtype) for n, t in given.items()}
+    given[name] = with_layout(given[name], layout)
+    assert given[name].stride() != torch.empty(given[name].shape).stride() or given[name].storage_offset(), \
+        describe(given[name])
+    compare_separate_inputs(given["q"], given["k"], given["v"], given["dout"], widths, TOL[dtype])
+
+
+def test_alignments_the_kernels_are_promised():
+    from vtp_kernels.packed_attention import _launch_args
+
+    def aligns(q, k, v, widths):
+        _, meta = _launch_args(q, k, v, None, widths)
+        return meta["QK_ALIGN"], meta["V_ALIGN"]
+
+    B, N, D = 2, 13, 16
+    # round_to=8 widths in a packed qkv row: everything 8-aligned.
+    widths8 = (8, 16, 0, 8)
+    assert aligns(*split_qkv(torch.randn(B, N, 2 * 4 * D + 32), 4, D), widths8) == (16, 8)
+    # Odd widths: V unaligned; so is the odd qkv row, unless the caller pads it to 8.
+    odd = (7, 1, 0, 5)
+    assert aligns(*split_qkv(torch.randn(B, N, 2 * 4 * D + 13), 4, D), odd) == (1, 1)
+    padded = torch.randn(B, N, 2 * 4 * D + 16)[..., :2 * 4 * D + 13]
+    qk_align, v_align = aligns(*split_qkv(padded, 4, D), odd)
+    assert qk_align >= 8 and v_align == 1
+    # A unit head stride lowers the q/k alignment to 1; a batch of one does not count.
+    q = torch.randn(1, N, D, 4).permute(0, 3, 1, 2)
+    assert aligns(q, torch.randn(1, 4, N, D), torch.randn(1, N, 32), widths8)[0] == 1
+    assert aligns(torch.randn(1, 4, N, D)[:, :, :, :], torch.randn(1, 4, N, D), torch.randn(1, N, 32), widths8) == (16, 8)
 
 
 def test_only_requested_gradients():

@@ -3,8 +3,10 @@
 ``"torch"`` always runs ``vtp_kernels.reference``. ``"triton"`` always runs the
 kernel and fails loudly where it cannot (a CPU tensor without ``TRITON_INTERPRET=1``).
 ``"auto"`` runs the kernel only on CUDA tensors and only for ops listed in
-``FASTER_ON_CUDA``: an op enters that set when a recorded GPU benchmark under
-``benchmarks/results/`` shows the kernel beating the reference.
+``FASTER_ON_CUDA``: an op enters that set when a ``benchmarks/gpu_check.py`` record committed
+under ``benchmarks/results/`` passes the rule of ``benchmarks/decide.py`` (correct, faster
+than the strongest alternative by more than 5 % beyond the spread at the production shape
+and dtype, and the model no slower with it).
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-# Ops whose Triton kernel was measured faster than the reference on a GPU.
-# Empty until a recorded run under benchmarks/results/ justifies an entry.
+# Ops that a recorded GPU run decided for (benchmarks/decide.py). Empty: none is recorded.
 FASTER_ON_CUDA: frozenset = frozenset()
 
 _backend: Optional[str] = None

@@ -4,7 +4,7 @@ In a pruned block the LayerNorm in front of ``qkv`` and ``fc1`` still normalises
 residual row (its statistics are over all D columns), but the following GEMM only reads
 the k kept columns. This kernel reads the full row once, computes the statistics in fp32
 and writes ``xhat[:, index] * weight + bias`` straight into a dense ``[M, k]`` tensor, so
-the GEMM runs with a smaller K and contiguous, vectorisable loads.
+the GEMM runs with a smaller K and contiguous, vectorisable loads::
 
     forward   y[m, i]  = (x[m, index[i]] - mean[m]) * rstd[m] * weight[i] + bias[i]
     backward  g[m, j]  = dy[m, pos[j]] * weight[pos[j]]      (0 where column j is not kept)
@@ -17,19 +17,19 @@ atomics. ``index`` must therefore hold distinct columns, as a pruning plan's kep
 columns always do. dweight/dbias are reduced per program into an fp32 ``[programs, k]``
 buffer and summed afterwards, so they are bitwise reproducible.
 
-The kernels are wrapped in ``torch.library.custom_op`` so torch.compile sees one opaque
-op (no graph break) and autograd sees a registered backward.
+Shapes: x ``[..., D]`` (any strides: rows are read through their row stride, other layouts
+are copied once), index int ``[k]``, weight and bias ``[k]`` or None (read as dense vectors).
+The output dtype is that of ``layer_norm(x)[..., index] * weight + bias`` in PyTorch.
 """
-from __future__ import annotations
-
-import functools
-from typing import List, Optional, Tuple
+# No `from __future__ import annotations`: custom_op infers its schema from real annotations.
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_enabled
+from ._utils import (as_row_matrix, autotune_configs, contiguous_or_none, new_empty, num_sms,
+                     on_device)
 
 __all__ = ["layer_norm_gather_triton"]
 
@@ -37,36 +37,31 @@ __all__ = ["layer_norm_gather_triton"]
 # ---------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------
-# Both kernels hold a [BLOCK_M, BLOCK_D] tile of whole rows in registers. On a GPU the
-# autotuner picks BLOCK_M (rows per tile) and num_warps per (D, k, dtype); forward tiles
-# above 8192 elements would spill registers and are pruned before benchmarking, and the
-# backward, which holds several such tiles, is pruned more tightly. The interpreter
-# cannot benchmark several configs, and its cost is per program instance and per loop
-# step rather than per element, so it gets one config with tall tiles.
-
+# Both kernels hold a [BLOCK_M, BLOCK_D] tile of whole rows in registers; the autotuner picks
+# BLOCK_M (rows per tile) and num_warps. It is keyed on the padded widths BLOCK_D and
+# BLOCK_K (powers of two) rather than on D and k: a pruned model keeps a different k in
+# nearly every block, and the best tile depends on the padded width the kernel works on,
+# so a DeiT-B plan tunes a few buckets instead of ~24 widths. Forward tiles above 8192
+# elements would spill registers and are pruned before benchmarking; the backward, which
+# holds several such tiles, is pruned more tightly. The row count only masks whole rows, so
+# it is not specialised (no recompile per batch size); D, k and the row strides are, since
+# their divisibility decides the vector width of row loads and stores.
+_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": block_m}, num_warps=num_warps)
+     for block_m in (1, 2, 4, 8, 16) for num_warps in (4, 8)],
+    interpreted=triton.Config({"BLOCK_M": 32}, num_warps=4),
+)
 _MAX_TILE = 8192
-
-
-def _configs() -> List[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": block_m}, num_warps=num_warps)
-        for block_m in (1, 2, 4, 8, 16)
-        for num_warps in (4, 8)
-    ]
+# The backward keeps about six live [BLOCK_M, BLOCK_D] fp32 tiles (two accumulators, x,
+# xhat, dy, g). Compiled for sm_90 at D = 768, up to 16 elements of a tile per thread fit
+# in registers; 32 spill (3-8 KB of stack per thread at BLOCK_M = 8 or 16 with 4 warps).
+_MAX_BWD_PER_THREAD = 16
 
 
 def _prune_configs(configs, named_args, **kwargs):
     block_d = triton.next_power_of_2(named_args["D"])
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] * block_d <= _MAX_TILE]
     return fitting or configs[:1]
-
-
-# The backward keeps about six live [BLOCK_M, BLOCK_D] fp32 tiles (two accumulators, x,
-# xhat, dy, g). Compiled for sm_90 at D = 768, up to 16 elements of a tile per thread fit
-# in registers; 32 spill (3-8 KB of stack per thread at BLOCK_M = 8 or 16 with 4 warps).
-_MAX_BWD_PER_THREAD = 16
 
 
 def _prune_bwd_configs(configs, named_args, **kwargs):
@@ -77,10 +72,11 @@ def _prune_bwd_configs(configs, named_args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------
-# Forward: full-row statistics, gathered output
+# Forward kernel: full-row statistics, gathered output
 # ---------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_configs})
-@triton.jit
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_D", "BLOCK_K"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit(do_not_specialize=["M"])
 def _layer_norm_gather_fwd_kernel(
     X, Y, W, B, Index, Mean, Rstd,
     M, D, K, stride_xm, stride_ym, eps,
@@ -123,12 +119,13 @@ def _layer_norm_gather_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------
-# Backward: dx at full width, per-program partial dweight / dbias
+# Backward kernel: dx at full width, per-program partial dweight / dbias
 # ---------------------------------------------------------------------------------------
 # A fixed number of programs (a few per SM) each walk a contiguous run of rows, so the
 # partial-sum buffer is [programs, k] regardless of M and the final sum is tiny.
-@triton.autotune(configs=_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _prune_bwd_configs})
-@triton.jit
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _prune_bwd_configs})
+@triton.jit(do_not_specialize=["M", "rows_per_program"])
 def _layer_norm_gather_bwd_kernel(
     DY, X, W, Mean, Rstd, Pos, DX, DW_partial, DB_partial,
     M, D, K, stride_dym, stride_xm, stride_dxm, rows_per_program,
@@ -185,27 +182,8 @@ def _layer_norm_gather_bwd_kernel(
         tl.store(DB_partial + pid * K + pos, tl.sum(db_acc, axis=0), mask=kept)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _backward_programs(x: torch.Tensor) -> int:
-    # Two programs per SM keeps every SM busy while the row loop amortises the partial
-    # buffer. Under the interpreter two programs are enough to exercise the final sum.
-    if x.is_cuda:
-        return 2 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return 2
-
-
-def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` as ``[rows, width]`` with unit column stride (a view when the layout allows)."""
-    t2 = t.reshape(-1, width)
-    return t2 if t2.stride(-1) == 1 or width <= 1 else t2.contiguous()
-
-
 # ---------------------------------------------------------------------------------------
-# Custom ops: what torch.compile and autograd see
+# Launchers
 # ---------------------------------------------------------------------------------------
 def _out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.dtype:
     # Same promotion as the reference (``layer_norm(x)[..., index] * weight + bias``).
@@ -216,47 +194,46 @@ def _out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     return dtype
 
 
-@torch.library.custom_op("vtp::layer_norm_gather_fwd", mutates_args=())
-def _fwd(
-    x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_programs(x: torch.Tensor) -> int:
+    # Two programs per SM keeps every SM busy while the row loop amortises the partial
+    # buffer. Under the interpreter two programs are enough to exercise the final sum.
+    return 2 * num_sms(x.device) if x.is_cuda else 2
+
+
+def _forward(x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     D, K = x.shape[-1], index.numel()
-    x2 = _rows(x, D)
-    M = x2.shape[0]
-    y = torch.empty((M, K), device=x.device, dtype=_out_dtype(x, weight, bias))
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    x_rows = as_row_matrix(x, D)
+    M = x_rows.shape[0]
+    y = new_empty((M, K), dtype=_out_dtype(x, weight, bias), device=x.device)
+    mean = new_empty((M,), dtype=torch.float32, device=x.device)
+    rstd = new_empty((M,), dtype=torch.float32, device=x.device)
     if M > 0 and K > 0:
         index = index.to(device=x.device, dtype=torch.int64).contiguous()
-        w = weight.contiguous() if weight is not None else y  # dummy pointer when absent
-        b = bias.contiguous() if bias is not None else y
+        weight, bias = contiguous_or_none(weight), contiguous_or_none(bias)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-        _layer_norm_gather_fwd_kernel[grid](
-            x2, y, w, b, index, mean, rstd,
-            M, D, K, x2.stride(0), y.stride(0), eps,
-            HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_D=triton.next_power_of_2(D), BLOCK_K=triton.next_power_of_2(K),
-        )
+        with on_device(x):
+            _layer_norm_gather_fwd_kernel[grid](
+                x_rows, y, weight if weight is not None else y, bias if bias is not None else y,
+                index, mean, rstd,
+                M, D, K, x_rows.stride(0), y.stride(0), eps,
+                HAS_W=weight is not None, HAS_B=bias is not None,
+                BLOCK_D=triton.next_power_of_2(D), BLOCK_K=triton.next_power_of_2(K),
+            )
+    elif M > 0:
+        # No kept columns: nothing reads the statistics, but they are outputs all the same.
+        mean.zero_()
+        rstd.zero_()
     return y.view(*x.shape[:-1], K), mean, rstd
 
 
-@_fwd.register_fake
-def _fwd_fake(x, index, weight, bias, eps):
-    M = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
-    y = x.new_empty((*x.shape[:-1], index.shape[0]), dtype=_out_dtype(x, weight, bias))
-    return y, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
-
-
-@torch.library.custom_op("vtp::layer_norm_gather_bwd", mutates_args=())
-def _bwd(
-    dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
-    mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool, need_db: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias), dweight/dbias in fp32; a gradient not asked for comes back empty."""
+def _backward(dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
+              mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool,
+              need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     D, K = x.shape[-1], index.numel()
-    x2 = _rows(x, D)
-    M = x2.shape[0]
-    dx = torch.empty((M, D), device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
+    x_rows = as_row_matrix(x, D)
+    M = x_rows.shape[0]
+    dx = new_empty((M, D), dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
     dw = x.new_empty(0)
     db = x.new_empty(0)
     if M == 0 or K == 0:
@@ -272,19 +249,21 @@ def _bwd(
     index = index.to(device=x.device, dtype=torch.int64)
     pos = torch.full((D,), -1, device=x.device, dtype=torch.int32)
     pos[index] = torch.arange(K, device=x.device, dtype=torch.int32)
-    dy2 = _rows(dy, K)
+    weight = contiguous_or_none(weight)
+    dy_rows = as_row_matrix(dy, K)
     programs = min(_backward_programs(x), M)
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)  # no program without rows
-    dw_partial = torch.empty((programs, K), device=x.device, dtype=torch.float32) if need_dw else mean
-    db_partial = torch.empty((programs, K), device=x.device, dtype=torch.float32) if need_db else mean
-    _layer_norm_gather_bwd_kernel[(programs,)](
-        dy2, x2, weight if weight is not None else x2, mean, rstd, pos,
-        dx if need_dx else x2, dw_partial, db_partial,
-        M, D, K, dy2.stride(0), x2.stride(0), D, rows_per_program,
-        HAS_W=weight is not None, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
-        BLOCK_D=triton.next_power_of_2(D),
-    )
+    dw_partial = new_empty((programs, K), dtype=torch.float32, device=x.device) if need_dw else mean
+    db_partial = new_empty((programs, K), dtype=torch.float32, device=x.device) if need_db else mean
+    with on_device(x):
+        _layer_norm_gather_bwd_kernel[(programs,)](
+            dy_rows, x_rows, weight if weight is not None else x_rows, mean, rstd, pos,
+            dx if need_dx else x_rows, dw_partial, db_partial,
+            M, D, K, dy_rows.stride(0), x_rows.stride(0), D, rows_per_program,
+            HAS_W=weight is not None, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+            BLOCK_D=triton.next_power_of_2(D),
+        )
     # A fixed-shape sum over the program axis: same order every run, so reproducible.
     if need_dw:
         dw = dw_partial.sum(0)
@@ -293,8 +272,35 @@ def _bwd(
     return dx.view(x.shape) if need_dx else dx, dw, db
 
 
-@_bwd.register_fake
-def _bwd_fake(dy, x, index, weight, mean, rstd, need_dx, need_dw, need_db):
+# ---------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("vtp::layer_norm_gather_fwd", mutates_args=())
+def layer_norm_gather_fwd_op(
+    x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [..., k], mean [M] fp32, rstd [M] fp32)."""
+    return _forward(x, index, weight, bias, eps)
+
+
+@layer_norm_gather_fwd_op.register_fake
+def layer_norm_gather_fwd_fake(x, index, weight, bias, eps):
+    M = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    y = x.new_empty((*x.shape[:-1], index.shape[0]), dtype=_out_dtype(x, weight, bias))
+    return y, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+
+@torch.library.custom_op("vtp::layer_norm_gather_bwd", mutates_args=())
+def layer_norm_gather_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
+    mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dw: bool, need_db: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias), dweight/dbias in fp32; a gradient not asked for comes back empty."""
+    return _backward(dy, x, index, weight, mean, rstd, need_dx, need_dw, need_db)
+
+
+@layer_norm_gather_bwd_op.register_fake
+def layer_norm_gather_bwd_fake(dy, x, index, weight, mean, rstd, need_dx, need_dw, need_db):
     K = index.shape[0]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     dw = x.new_empty(K, dtype=torch.float32) if need_dw else x.new_empty(0)
@@ -311,18 +317,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward_rule(ctx, dy, _dmean, _drstd):
     x, index, weight, mean, rstd = ctx.saved_tensors
     need_dx, _, need_dw, need_db, _ = ctx.needs_input_grad
-    dx, dw, db = _bwd(dy, x, index, weight, mean, rstd, need_dx, need_dw, need_db)
+    dx, dw, db = layer_norm_gather_bwd_op(dy, x, index, weight, mean, rstd, need_dx, need_dw, need_db)
     dw = dw.to(ctx.weight_dtype) if need_dw else None
     db = db.to(ctx.bias_dtype) if need_db else None
     return (dx if need_dx else None), None, dw, db, None
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+layer_norm_gather_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------
 def layer_norm_gather_triton(
     x: torch.Tensor,
     index: torch.Tensor,
@@ -334,4 +343,4 @@ def layer_norm_gather_triton(
 
     ``index`` must hold distinct column numbers (the backward inverts it).
     """
-    return _fwd(x, index, weight, bias, float(eps))[0]
+    return layer_norm_gather_fwd_op(x, index, weight, bias, float(eps))[0]

@@ -25,15 +25,27 @@ nothing in ``out`` (they own no columns) and get zero dq/dk. The value tile widt
 each head masks it down to its own width, so a narrow head reads and writes only its
 own columns.
 
-Alignment matters on a GPU: q, k and v are views of one qkv row of 2·H·D + sum(widths)
-elements, so with arbitrary widths rows do not start on 16-byte boundaries and loads are
-scalar. The host computes ALIGN, the largest power of two (<= 16) dividing every value
-offset, width and row/head/batch stride, and the kernels pass it on to the compiler;
-widths rounded to multiples of 8 (``round_to=8``) give 16-byte vector loads throughout.
+Alignment matters on a GPU: 16-byte vector loads and asynchronous copies need rows that
+start on 16-byte boundaries, and the compiler must know it. The host computes two powers
+of two (<= 16): QK_ALIGN divides every batch, head and row stride of q and k; V_ALIGN
+divides every kept head's value offset and width, the packed row length and the batch and
+row strides of v and dO. The kernels promise exactly those values to the compiler
+(``_aligned``), so any layout stays correct (a unit stride, as in a [B, N, D, H] tensor
+viewed as [B, H, N, D], only lowers the alignment to 1). A dim of size 1 gets stride 0.
+When q, k and v are views of one qkv row of 2·H·D + sum(widths) (+ padding) elements:
 
-The kernels are wrapped in ``torch.library.custom_op`` (``vtp::packed_attention_fwd``
-and ``vtp::packed_attention_bwd``) with fake and autograd registrations, so torch.compile
-sees opaque ops without a graph break and autograd sees the registered backward.
+    round_to = 8     every offset, width and the row are multiples of 8: QK_ALIGN = V_ALIGN = 8,
+                     16-byte vectors and cp.async on every tile
+    round_to = 1     widths are odd: V_ALIGN = 1 (scalar V loads and O stores); QK_ALIGN = 8
+                     only if the caller pads the qkv row to a multiple of 8 elements
+
+Compiled for sm_90a by Triton 3.6 (benchmarks/results/compile_sm90_triton3.6.0.md), every
+dot is a wgmma, but each is waited for at once (``warp_group_dot_wait {pendings = 0}``):
+the two dots of an iteration feed each other through the softmax. At N = 197 the key loop
+has 4-7 steps, so loads (cp.async, 16 bytes when aligned) matter more than that overlap.
+
+Shapes: q, k ``[B, H, N, D]`` and v ``[B, N, sum(v_widths)]`` with any strides; out and
+the gradients are dense. fp16, bf16 or fp32; scores, softmax and accumulators in fp32.
 """
 # No `from __future__ import annotations`: custom_op infers its schema from real annotations.
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -42,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_enabled
+from ._utils import autotune_configs, dot_precision, largest_pow2_dividing, new_empty, on_device
 
 __all__ = ["packed_attention_triton"]
 
@@ -63,43 +75,51 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # other way round for dQ.
 
 def _configs(interpreted: Tuple[int, int], cuda: Sequence[Tuple[int, int, int, int]]) -> List[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]})]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in cuda
-    ]
+    return autotune_configs(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+         for m, n, warps, stages in cuda],
+        interpreted=triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}),
+    )
 
 
 _FWD_CONFIGS = _configs((128, 128), [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                                      (128, 32, 4, 4), (64, 32, 4, 4)])
-_DKDV_CONFIGS = _configs((128, 128), [(32, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 3),
+# (32, 128) keys per dK/dV program needs 8 warps: with 4, sm_90 code spills (255 registers).
+_DKDV_CONFIGS = _configs((128, 128), [(32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3),
                                       (64, 128, 8, 2)])
 _DQ_CONFIGS = _configs((128, 128), [(64, 32, 4, 3), (128, 32, 4, 2), (64, 64, 4, 3),
                                     (128, 64, 8, 2)])
 _DELTA_BLOCK_M = 128
 _KEY = ["N", "HEAD_DIM", "BLOCK_V"]
+# Triton would specialise every integer argument on being divisible by 16 (or equal to 1),
+# so a pruned model, whose blocks each have their own head count, packed width and qkv row,
+# would compile every kernel once per block. The alignment the kernels need is promised
+# through QK_ALIGN / V_ALIGN instead (``_aligned``), so these are not specialised; the
+# last-dim strides are, since a unit stride is what makes a tile contiguous.
+_NOT_SPECIALISED = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+                    "stride_vb", "stride_vn", "H", "N", "n_kept", "v_total"]
+_NOT_SPECIALISED_BWD = _NOT_SPECIALISED + ["stride_dob", "stride_don"]
 
 
 @triton.jit
-def _kept_head(Heads, i, ALIGN: tl.constexpr):
+def _kept_head(Heads, i, V_ALIGN: tl.constexpr):
     """Row i of the kept-heads table: (head index, value offset, value width)."""
     h = tl.load(Heads + 3 * i)
-    v_off = tl.multiple_of(tl.load(Heads + 3 * i + 1), ALIGN)
-    width = tl.multiple_of(tl.load(Heads + 3 * i + 2), ALIGN)
+    v_off = tl.multiple_of(tl.load(Heads + 3 * i + 1), V_ALIGN)
+    width = tl.multiple_of(tl.load(Heads + 3 * i + 2), V_ALIGN)
     return h, v_off, width
 
 
 @triton.jit
-def _aligned(stride, ALIGN: tl.constexpr):
-    """``stride`` (a multiple of ALIGN, checked on the host) in a form the compiler knows is
-    one. Triton detects multiples of 16 by itself; this also covers a qkv row of, say,
+def _aligned(value, ALIGN: tl.constexpr):
+    """``value`` (a multiple of ALIGN, which the host checked) in a form the compiler knows
+    is one. Triton detects multiples of 16 by itself; this also covers a qkv row of, say,
     2·H·D + 232 columns, so loads stay 16-byte vectors there too."""
-    return stride // ALIGN * ALIGN
+    return value // ALIGN * ALIGN
 
 
 # ---------------------------------------------------------------------------------------
-# Forward
+# Forward kernel: online softmax over key blocks
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_inner(
@@ -130,7 +150,7 @@ def _attn_fwd_inner(
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _attn_fwd(
     Q, K, V, Out, Lse, Heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -138,16 +158,16 @@ def _attn_fwd(
     stride_vb, stride_vn, stride_vc,
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qn, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
-    stride_vb, stride_vn, v_total = _aligned(stride_vb, ALIGN), _aligned(stride_vn, ALIGN), _aligned(v_total, ALIGN)
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
+    stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kept).to(tl.int64)        # int64: batch offsets can pass 2**31
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, ALIGN)
+    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
     qk_scale = sm_scale * LOG2E
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -185,22 +205,22 @@ def _attn_fwd(
 
 
 # ---------------------------------------------------------------------------------------
-# Backward
+# Backward kernels: delta, dK and dV, dQ
 # ---------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["stride_dob", "stride_don", "H", "N", "n_kept", "v_total"])
 def _attn_bwd_delta(
     Out, DO, Delta, Heads,
     stride_dob, stride_don, stride_doc,
     H, N, n_kept, v_total,
-    ALIGN: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    V_ALIGN: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[b, h, n] = sum_j dO[b, n, off_h + j] * O[b, n, off_h + j]: the row term of
     the softmax gradient, dS = P ⊙ (dP - delta)."""
-    stride_dob, stride_don, v_total = _aligned(stride_dob, ALIGN), _aligned(stride_don, ALIGN), _aligned(v_total, ALIGN)
+    stride_dob, stride_don, v_total = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN), _aligned(v_total, V_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kept).to(tl.int64)
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, ALIGN)
+    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = tl.arange(0, BLOCK_V)
     m_ok = offs_m < N
@@ -214,7 +234,7 @@ def _attn_bwd_delta(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
 def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, Heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -223,19 +243,19 @@ def _attn_bwd_dkdv(
     stride_dob, stride_don, stride_doc,
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per key block: dV = Pᵀ dO and dK = dSᵀ Q · scale, over all query blocks.
     Works on transposed tiles (keys along rows) so both are plain row-block results."""
-    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qn, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
-    stride_vb, stride_vn, v_total = _aligned(stride_vb, ALIGN), _aligned(stride_vn, ALIGN), _aligned(v_total, ALIGN)
-    stride_dob, stride_don = _aligned(stride_dob, ALIGN), _aligned(stride_don, ALIGN)
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
+    stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
+    stride_dob, stride_don = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kept).to(tl.int64)
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, ALIGN)
+    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
     qk_scale = sm_scale * LOG2E
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -280,7 +300,7 @@ def _attn_bwd_dkdv(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
 def _attn_bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ, Heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -289,18 +309,18 @@ def _attn_bwd_dq(
     stride_dob, stride_don, stride_doc,
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per query block: dQ = dS K · scale, over all key blocks."""
-    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, ALIGN), _aligned(stride_qh, ALIGN), _aligned(stride_qn, ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, ALIGN), _aligned(stride_kh, ALIGN), _aligned(stride_kn, ALIGN)
-    stride_vb, stride_vn = _aligned(stride_vb, ALIGN), _aligned(stride_vn, ALIGN)
-    stride_dob, stride_don = _aligned(stride_dob, ALIGN), _aligned(stride_don, ALIGN)
+    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
+    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
+    stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
+    stride_dob, stride_don = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kept).to(tl.int64)
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, ALIGN)
+    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
     qk_scale = sm_scale * LOG2E
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -340,7 +360,7 @@ def _attn_bwd_dq(
 
 
 # ---------------------------------------------------------------------------------------
-# Host side: the kept-heads table, the alignment, and the launches
+# Launchers: the kept-heads table, the alignments, the launches
 # ---------------------------------------------------------------------------------------
 _HEAD_TABLES: Dict[Tuple[Tuple[int, ...], torch.device], Tuple[torch.Tensor, int]] = {}
 
@@ -356,55 +376,59 @@ def _head_table(widths: Tuple[int, ...], device: torch.device) -> Tuple[torch.Te
             if w > 0:
                 rows.append((h, offset, w))
             offset += w
-        align = _largest_pow2_dividing([x for _, off, w in rows for x in (off, w)])
+        align = largest_pow2_dividing([x for _, off, w in rows for x in (off, w)])
         table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
         _HEAD_TABLES[key] = (table, align)
     return _HEAD_TABLES[key]
 
 
-def _largest_pow2_dividing(values: Sequence[int], cap: int = 16) -> int:
-    align = cap
-    while align > 1 and any(x % align for x in values):
-        align //= 2
-    return align
+def _outer_strides(t: torch.Tensor) -> List[int]:
+    """Every stride but the last, 0 for a dim of size 1 (its index is always 0, and its
+    stride should not lower the alignment)."""
+    return [0 if size == 1 else stride for size, stride in zip(t.shape[:-1], t.stride()[:-1])]
 
 
-def _alignment(widths_align: int, v_total: int, *tensors: torch.Tensor) -> int:
-    """ALIGN: a power of two <= 16 dividing every value offset and width, ``v_total`` and
-    every non-unit stride of ``tensors``. The kernels tell the compiler so (``_aligned``);
-    16-byte vector loads need 8 bf16 elements, so 8 is as good as 16 in practice."""
-    strides = [s for t in tensors for s in t.stride() if s != 1]
-    return min(widths_align, _largest_pow2_dividing([v_total, *strides]))
+def _launch_args(q, k, v, do, widths: Tuple[int, ...]) -> Tuple[List[int], dict]:
+    """The stride arguments of every kernel (q, k, v and, when given, dO; the last-dim
+    strides as they are) and the compile-time parameters shared by every launch.
 
-
-def _meta(q: torch.Tensor, widths: Tuple[int, ...]) -> dict:
-    """Compile-time parameters shared by every kernel launch."""
-    return dict(
+    QK_ALIGN divides exactly the q/k strides the kernels pass through ``_aligned``, V_ALIGN
+    the value offsets, widths, packed row length and v/dO strides: a stride of 1 outside the
+    last dim (a [B, N, D, H] tensor viewed as [B, H, N, D]) lowers it to 1, never breaks it.
+    """
+    v_total = sum(widths)
+    _, widths_align = _head_table(widths, q.device)
+    qs, ks, vs = _outer_strides(q), _outer_strides(k), _outer_strides(v)
+    strides = [*qs, q.stride(-1), *ks, k.stride(-1), *vs, v.stride(-1)]
+    v_side = [v_total, *vs]
+    if do is not None:
+        dos = _outer_strides(do)
+        strides += [*dos, do.stride(-1)]
+        v_side += dos
+    meta = dict(
         HEAD_DIM=q.shape[-1],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
         BLOCK_V=max(16, triton.next_power_of_2(max(widths))),
-        # fp32 inputs get exact fp32 dots (GPUs would otherwise use tf32); the flag has
-        # no effect on fp16/bf16 dots.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        QK_ALIGN=largest_pow2_dividing([*qs, *ks]),
+        V_ALIGN=min(widths_align, largest_pow2_dividing(v_side)),
+        DOT_PRECISION=dot_precision(q.dtype),
     )
+    return strides, meta
 
 
 def _forward(q, k, v, widths: Tuple[int, ...], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     v_total = sum(widths)
-    table, widths_align = _head_table(widths, q.device)
+    table, _ = _head_table(widths, q.device)
     n_kept = table.shape[0]
-    out = torch.empty(B, N, v_total, device=v.device, dtype=v.dtype)
-    lse = torch.empty(B, n_kept, N, device=q.device, dtype=torch.float32)
-    if n_kept == 0:
+    out = new_empty((B, N, v_total), device=v.device, dtype=v.dtype)
+    lse = new_empty((B, n_kept, N), device=q.device, dtype=torch.float32)
+    if n_kept == 0 or B == 0 or N == 0:
         return out, lse
+    strides, meta = _launch_args(q, k, v, None, widths)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
-    _attn_fwd[grid](
-        q, k, v, out, lse, table,
-        *q.stride(), *k.stride(), *v.stride(),
-        H, N, n_kept, v_total, scale,
-        ALIGN=_alignment(widths_align, v_total, q, k, v), **_meta(q, widths),
-    )
+    with on_device(q):
+        _attn_fwd[grid](q, k, v, out, lse, table, *strides, H, N, n_kept, v_total, scale, **meta)
     return out, lse
 
 
@@ -412,7 +436,7 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
               need_dq: bool, need_dkv: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     v_total = sum(widths)
-    table, widths_align = _head_table(widths, q.device)
+    table, _ = _head_table(widths, q.device)
     n_kept = table.shape[0]
     dropped = [h for h, w in enumerate(widths) if w == 0]
 
@@ -420,32 +444,32 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
         return q.new_empty(0)
 
     def head_grad() -> torch.Tensor:
-        g = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+        g = new_empty((B, H, N, D), device=q.device, dtype=q.dtype)
         if dropped:                  # a head without values does not touch the output
             g[:, dropped] = 0
         return g
 
     dq = head_grad() if need_dq else nothing()
     dk = head_grad() if need_dkv else nothing()
-    dv = torch.empty(B, N, v_total, device=v.device, dtype=v.dtype) if need_dkv else nothing()
-    if n_kept == 0 or not (need_dq or need_dkv):
+    dv = new_empty((B, N, v_total), device=v.device, dtype=v.dtype) if need_dkv else nothing()
+    if n_kept == 0 or B == 0 or N == 0 or not (need_dq or need_dkv):
         return dq, dk, dv
 
-    meta = dict(_meta(q, widths), ALIGN=_alignment(widths_align, v_total, q, k, v, do))
-    delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK_M), B * n_kept)](
-        out, do, delta, table, *do.stride(), H, N, n_kept, v_total,
-        ALIGN=meta["ALIGN"], BLOCK_V=meta["BLOCK_V"], BLOCK_M=_DELTA_BLOCK_M,
-    )
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    if need_dkv:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * n_kept)  # noqa: E731
-        _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, table, *strides,
-                             H, N, n_kept, v_total, scale, **meta)
-    if need_dq:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
-        _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, *strides,
-                           H, N, n_kept, v_total, scale, **meta)
+    strides, meta = _launch_args(q, k, v, do, widths)
+    delta = new_empty(lse.shape, device=lse.device, dtype=lse.dtype)
+    with on_device(q):
+        _attn_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK_M), B * n_kept)](
+            out, do, delta, table, *strides[-3:], H, N, n_kept, v_total,
+            V_ALIGN=meta["V_ALIGN"], BLOCK_V=meta["BLOCK_V"], BLOCK_M=_DELTA_BLOCK_M,
+        )
+        if need_dkv:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * n_kept)  # noqa: E731
+            _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, table, *strides,
+                                 H, N, n_kept, v_total, scale, **meta)
+        if need_dq:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
+            _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, *strides,
+                               H, N, n_kept, v_total, scale, **meta)
     return dq, dk, dv
 
 
@@ -453,22 +477,22 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
 # Custom ops and autograd
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("vtp::packed_attention_fwd", mutates_args=())
-def _packed_attention_fwd(
+def packed_attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: List[int], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [B, N, sum(v_widths)], lse [B, kept heads, N] fp32, base 2)."""
     return _forward(q, k, v, tuple(v_widths), scale)
 
 
-@_packed_attention_fwd.register_fake
-def _(q, k, v, v_widths, scale):
+@packed_attention_fwd_op.register_fake
+def packed_attention_fwd_fake(q, k, v, v_widths, scale):
     B, _, N, _ = q.shape
     n_kept = sum(1 for w in v_widths if w > 0)
     return v.new_empty(B, N, sum(v_widths)), q.new_empty(B, n_kept, N, dtype=torch.float32)
 
 
 @torch.library.custom_op("vtp::packed_attention_bwd", mutates_args=())
-def _packed_attention_bwd(
+def packed_attention_bwd_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, v_widths: List[int], scale: float,
     need_dq: bool, need_dkv: bool,
@@ -477,8 +501,8 @@ def _packed_attention_bwd(
     return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv)
 
 
-@_packed_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv):
+@packed_attention_bwd_op.register_fake
+def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv):
     return (q.new_empty(q.shape) if need_dq else q.new_empty(0),
             k.new_empty(k.shape) if need_dkv else q.new_empty(0),
             v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0))
@@ -495,12 +519,12 @@ def _setup_context(ctx, inputs, output):
 def _backward_rule(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq, dk, dv = torch.ops.vtp.packed_attention_bwd(
+    dq, dk, dv = packed_attention_bwd_op(
         grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v)
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
 
 
-_packed_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -531,5 +555,5 @@ def packed_attention_triton(
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     if scale is None:
         scale = D ** -0.5
-    out, _ = torch.ops.vtp.packed_attention_fwd(q, k, v, widths, float(scale))
+    out, _ = packed_attention_fwd_op(q, k, v, widths, float(scale))
     return out
