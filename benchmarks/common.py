@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +44,18 @@ TIMER_WALL_CLOCK = "perf_counter wall clock"
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the checkout's vtp and vtp_kernels, not an installed copy
+
+
+def _load_atomic():
+    # vtp/atomic.py by its path: it needs only the standard library, while `import vtp`
+    # would import torch and decorate the kernels before --smoke has set TRITON_INTERPRET.
+    spec = importlib.util.spec_from_file_location("_vtp_atomic", os.path.join(ROOT, "vtp", "atomic.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ATOMIC = _load_atomic()
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,28 +270,15 @@ def require_within(errors: Dict[str, float], bound: float, what: str, measure: s
 # Files
 # ---------------------------------------------------------------------------------------
 def write_atomically(path: str, write: Callable[[str], None]) -> str:
-    """Have ``write`` fill a temporary file beside ``path``, then move it into place.
+    """Have ``write`` fill a temporary file beside ``path``, then move it into place
+    (``vtp.atomic.atomic_write``, the project's one writer of files).
 
     Every record, text, plot and archive the benchmarks write goes through here (the live
     step logs are the one exception: they are streamed, and archived whole afterwards).
-
     A reader (or a run killed half-way) never sees a half-written record or plot: ``path``
     holds either the old file or the complete new one.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it: mkstemp makes it private (0600)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _ATOMIC.atomic_write(path, write)
     return str(path)
 
 

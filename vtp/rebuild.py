@@ -244,8 +244,13 @@ def describe(model: nn.Module) -> Dict[str, Any]:
             raise TypeError(f"model: cannot save a {type(model).__name__} built without timm.create_model; "
                             f"supported classes: {', '.join(CLASSES)}")
         return {"architecture": path, "model_args": values}
-    # What the name builds by itself (at depth 1: cheap; the depth is always recorded).
-    reference = _read(args, timm.create_model(name, pretrained=False, depth=1))
+    # What the name builds by itself (at depth 1: cheap; the depth is always recorded), or
+    # at the model's depth where the name fixes settings per block.
+    try:
+        base = timm.create_model(name, pretrained=False, depth=1)
+    except (AssertionError, ValueError, TypeError):
+        base = timm.create_model(name, pretrained=False, depth=len(model.blocks))
+    reference = _read(args, base)
     diff = {k: v for k, v in values.items() if k in ALWAYS or k not in reference or reference[k] != v}
     return {"architecture": name, "model_args": diff}
 
