@@ -84,3 +84,20 @@ def subprocess_env() -> dict:
 
 def flags(*groups: List[str]) -> List[str]:
     return [f for g in groups for f in g]
+
+
+def cli_error(capsys, argv: List[str], code: int = 1) -> str:
+    """Runs a failing `vtp` command; returns its stderr after checking the exit code and
+    that no traceback was printed. argparse errors (code 2) exit through SystemExit."""
+    from vtp.app import cli
+
+    if code == 2:
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+    else:
+        assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+

@@ -12,7 +12,7 @@ import yaml
 import vtp
 from vtp.app import cli
 
-from cli_helpers import FAST, TINY_MODEL, flags, tiny_dense_checkpoint
+from cli_helpers import FAST, TINY_MODEL, cli_error, flags, tiny_dense_checkpoint
 from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 TRAIN = ["-b", "8", "--save-every", "0", "--log-every", "2"]
@@ -135,48 +135,36 @@ def test_demo_command_calls_vtp_demo(monkeypatch, tmp_path):
 # ---- errors: one clean message, before any work -------------------------------------------
 
 
-def _error(capsys, argv, code=1):
-    """Runs a failing command; returns its stderr after checking the exit code and that no
-    traceback was printed. argparse errors (code 2) exit through SystemExit."""
-    if code == 2:
-        with pytest.raises(SystemExit) as info:
-            cli.main(argv)
-        assert info.value.code == 2
-    else:
-        assert cli.main(argv) == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def test_missing_data_folder(capsys, tmp_path):
-    err = _error(capsys, ["sparse-train", "--data", str(tmp_path / "nope"), "--output",
+    err = cli_error(capsys, ["sparse-train", "--data", str(tmp_path / "nope"), "--output",
                           str(tmp_path / "o")] + TINY_MODEL)
     assert "data folder not found" in err and not (tmp_path / "o").exists()
     (tmp_path / "d" / "train" / "a").mkdir(parents=True)
-    err = _error(capsys, ["sparse-train", "--data", str(tmp_path / "d")] + TINY_MODEL)
+    err = cli_error(capsys, ["sparse-train", "--data", str(tmp_path / "d")] + TINY_MODEL)
     assert "no 'val' sub-folder" in err
 
 
 def test_bad_yaml_key_and_value(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 1\nlearning_rate: 0.1\n")
-    err = _error(capsys, ["sparse-train", "--config", str(bad)], code=2)
+    err = cli_error(capsys, ["sparse-train", "--config", str(bad)], code=2)
     assert "unknown key 'learning_rate'" in err
     bad.write_text("scope: everywhere\n")
-    err = _error(capsys, ["prune", "x", "--config", str(bad)], code=2)
+    err = cli_error(capsys, ["prune", "x", "--config", str(bad)], code=2)
     assert "'scope'" in err and "invalid choice" in err
     bad.write_text("epochs: many\n")
-    err = _error(capsys, ["finetune", "x", "--config", str(bad)], code=2)
+    err = cli_error(capsys, ["finetune", "x", "--config", str(bad)], code=2)
     assert "'epochs'" in err
 
 
 def test_bad_flags(capsys, tmp_path):
-    assert "--epochs: must be >= 1" in _error(capsys, ["sparse-train", "--epochs", "0"], code=2)
-    assert "invalid choice" in _error(capsys, ["prune", "x", "--scope", "row"], code=2)
-    assert "--model-kwargs" in _error(capsys, ["run", "--model-kwargs", "[1]"], code=2)
+    assert "--epochs: must be >= 1" in cli_error(capsys, ["sparse-train", "--epochs", "0"], code=2)
+    assert "invalid choice" in cli_error(capsys, ["prune", "x", "--scope", "row"], code=2)
+    assert "--model-kwargs" in cli_error(capsys, ["run", "--model-kwargs", "[1]"], code=2)
     out = tmp_path / "o"
-    err = _error(capsys, ["sparse-train", "--synthetic", "--model", "no_such_vit", "-o", str(out)])
+    err = cli_error(capsys, ["sparse-train", "--synthetic", "--model", "no_such_vit", "-o", str(out)])
     assert "unknown timm model 'no_such_vit'" in err and not out.exists()
 
 
@@ -188,7 +176,7 @@ def test_checkpoint_that_does_not_fit(capsys, tmp_path, data_dir):
     torch.save({"model": other.state_dict()}, tmp_path / "deeper.pth")
     argv = flags(["sparse-train", "--data", str(data_dir), "--checkpoint", str(tmp_path / "deeper.pth"),
                   "--output", str(tmp_path / "o")], TINY_MODEL, FAST)
-    err = _error(capsys, argv)
+    err = cli_error(capsys, argv)
     assert "does not fit the model" in err and "unexpected keys (" in err and "blocks.2." in err
     assert "head.weight: checkpoint (10, 32) vs model (4, 32)" in err
     assert not (tmp_path / "o" / "checkpoints").exists()
@@ -197,7 +185,7 @@ def test_checkpoint_that_does_not_fit(capsys, tmp_path, data_dir):
                              patch_size=8, embed_dim=32, depth=2, num_heads=2)
     torch.save({"model": same.state_dict()}, tmp_path / "ten.pth")
     argv[argv.index(str(tmp_path / "deeper.pth"))] = str(tmp_path / "ten.pth")
-    assert "--reset-head" in _error(capsys, argv)
+    assert "--reset-head" in cli_error(capsys, argv)
     assert cli.main(argv + ["--reset-head", "--epochs", "1", "-b", "8", "--save-every", "0"]) == 0
     gated = vtp.load(tmp_path / "o" / "model")
     assert gated.num_classes == 4
@@ -208,7 +196,7 @@ def test_nan_loss_stops_with_the_step(capsys, tmp_path, data_dir):
     argv = flags(["sparse-train", "--data", str(data_dir), "--output", str(out), "--epochs", "1",
                   "-b", "8", "--lr", "1e30", "--lr-base-batch", "8", "--save-every", "1",
                   "--no-aug", "--drop-path", "0"], TINY_MODEL, FAST)
-    err = _error(capsys, argv)
+    err = cli_error(capsys, argv)
     assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
     assert "at step 2 (epoch 0, step 2 of 4)" in err
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
@@ -216,39 +204,39 @@ def test_nan_loss_stops_with_the_step(capsys, tmp_path, data_dir):
 
 
 def test_existing_run_needs_resume(capsys, tmp_path, full_run):
-    err = _error(capsys, ["run", "--synthetic", "--output", str(full_run)] + TINY_MODEL)
+    err = cli_error(capsys, ["run", "--synthetic", "--output", str(full_run)] + TINY_MODEL)
     assert "already holds a run" in err and "--resume" in err
-    err = _error(capsys, ["sparse-train", "--synthetic", "--resume", "--output", str(tmp_path)] + TINY_MODEL)
+    err = cli_error(capsys, ["sparse-train", "--synthetic", "--resume", "--output", str(tmp_path)] + TINY_MODEL)
     assert "no checkpoint" in err
-    err = _error(capsys, ["sparse-train", "--synthetic", "--resume", "-o", str(tmp_path / "new")])
+    err = cli_error(capsys, ["sparse-train", "--synthetic", "--resume", "-o", str(tmp_path / "new")])
     assert "no checkpoint" in err and not (tmp_path / "new").exists()
-    assert "--resume: give the --output" in _error(capsys, ["finetune", str(full_run), "--synthetic",
+    assert "--resume: give the --output" in cli_error(capsys, ["finetune", str(full_run), "--synthetic",
                                                             "--resume"])
-    err = _error(capsys, ["prune", str(tmp_path)])
+    err = cli_error(capsys, ["prune", str(tmp_path)])
     assert "holds no model saved by vtp.save" in err
 
 
 def test_bad_values_and_pruning_settings_stop_before_any_work(capsys, tmp_path, full_run):
     out = tmp_path / "o"
-    assert "--mixup-prob: must be in [0, 1]" in _error(
+    assert "--mixup-prob: must be in [0, 1]" in cli_error(
         capsys, ["sparse-train", "--mixup-prob", "2"], code=2)
-    assert "--seed: must be >= 0" in _error(capsys, ["sparse-train", "--seed", "-1"], code=2)
-    assert "--img-size: must be >= 1" in _error(capsys, ["prune", "x", "--img-size", "0"], code=2)
-    assert "--flops-target: must be in (0, 1]" in _error(
+    assert "--seed: must be >= 0" in cli_error(capsys, ["sparse-train", "--seed", "-1"], code=2)
+    assert "--img-size: must be >= 1" in cli_error(capsys, ["prune", "x", "--img-size", "0"], code=2)
+    assert "--flops-target: must be in (0, 1]" in cli_error(
         capsys, ["run", "--flops-target", "0"], code=2)
-    assert "--lr: expected a number, got 'fast'" in _error(
+    assert "--lr: expected a number, got 'fast'" in cli_error(
         capsys, ["finetune", "x", "--lr", "fast"], code=2)
     # vtp run would otherwise find these only after sparse training
     run = flags(["run", "--synthetic", "--synthetic-size", "4", "--synthetic-val-size", "0",
                  "--sparse-epochs", "1", "--finetune-epochs", "1", "-b", "4", "-o", str(out)],
                 TINY_MODEL, FAST)
-    err = _error(capsys, run + ["--flops-target", "0.5", "--scope", "layer"])
+    err = cli_error(capsys, run + ["--flops-target", "0.5", "--scope", "layer"])
     assert "--flops-target" in err and "--scope layer" in err
-    assert "--plan nope.json: file not found" in _error(capsys, run + ["--plan", "nope.json"])
+    assert "--plan nope.json: file not found" in cli_error(capsys, run + ["--plan", "nope.json"])
     (tmp_path / "bad.json").write_text("{")
-    assert f"--plan {tmp_path / 'bad.json'}: plan: not valid JSON" in _error(
+    assert f"--plan {tmp_path / 'bad.json'}: plan: not valid JSON" in cli_error(
         capsys, run + ["--plan", str(tmp_path / "bad.json")])
-    err = _error(capsys, ["sparse-train", "--data", str(full_run.parent), "--train-split", "run",
+    err = cli_error(capsys, ["sparse-train", "--data", str(full_run.parent), "--train-split", "run",
                           "--val-split", "run", "--aa", "bogus", "-o", str(out)] + TINY_MODEL)
     assert "--aa bogus: not a timm augmentation policy" in err
     assert not out.exists()
@@ -257,12 +245,12 @@ def test_bad_values_and_pruning_settings_stop_before_any_work(capsys, tmp_path, 
 def test_saved_model_settings_are_checked_before_any_work(capsys, tmp_path, full_run, data_dir):
     out = tmp_path / "o"
     data = ["--data", str(data_dir), "-o", str(out)]
-    err = _error(capsys, ["eval", str(full_run), "--num-classes", "7"] + data)
+    err = cli_error(capsys, ["eval", str(full_run), "--num-classes", "7"] + data)
     model = full_run / "finetune" / "model"
     assert f"--num-classes 7: the model in {model} predicts 4 classes" in err
-    err = _error(capsys, ["finetune", str(full_run), "--img-size", "64"] + data)
+    err = cli_error(capsys, ["finetune", str(full_run), "--img-size", "64"] + data)
     assert "--img-size 64: the model in" in err and "takes 32x32 images" in err
-    err = _error(capsys, ["finetune", str(full_run / "sparse-train")] + data)
+    err = cli_error(capsys, ["finetune", str(full_run / "sparse-train")] + data)
     assert "gated model that is not pruned" in err
     assert not out.exists()
 
@@ -298,10 +286,10 @@ def test_class_indices_follow_the_model(capsys, tmp_path, full_run, data_dir, mo
 
     (subset / "val" / "class_9").mkdir()
     shutil.copy(data_dir / "val" / "class_1" / "0.png", subset / "val" / "class_9" / "0.png")
-    err = _error(capsys, flags(["eval", str(full_run), "--data", str(subset), "--bench-steps", "0",
+    err = cli_error(capsys, flags(["eval", str(full_run), "--data", str(subset), "--bench-steps", "0",
                                 "-o", str(tmp_path / "e")], FAST))
     assert "class folders class_9 are not among the 4 classes of the model" in err
-    err = _error(capsys, flags(["sparse-train", "--data", str(subset), "-o", str(tmp_path / "s")],
+    err = cli_error(capsys, flags(["sparse-train", "--data", str(subset), "-o", str(tmp_path / "s")],
                                TINY_MODEL, FAST))
     assert "class folders class_9 are not among the 3 classes of the training split" in err
 

@@ -9,7 +9,7 @@ import torch
 import vtp
 from vtp.app import cli
 
-from cli_helpers import FAST, flags
+from cli_helpers import FAST, cli_error, flags
 from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 from vit_variants import randomize_gates
 
@@ -25,9 +25,6 @@ def pruned_dir(tmp_path_factory):
     return path
 
 
-def _error(capsys, argv):
-    assert cli.main(argv) == 1
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
@@ -46,11 +43,11 @@ def test_export_bad_input_is_a_clear_error_and_writes_nothing(pruned_dir, tmp_pa
         cli.main(["export", str(pruned_dir), "--format", "tflite", "--output", str(tmp_path / "m")])
     assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
     (tmp_path / "photos").mkdir()
-    err = _error(capsys, ["export", str(tmp_path / "photos"), "--output", str(tmp_path / "m.onnx")])
+    err = cli_error(capsys, ["export", str(tmp_path / "photos"), "--output", str(tmp_path / "m.onnx")])
     assert "holds no model saved by vtp.save" in err
-    err = _error(capsys, ["export", str(pruned_dir), "--output", str(tmp_path / "missing" / "m.onnx")])
+    err = cli_error(capsys, ["export", str(pruned_dir), "--output", str(tmp_path / "missing" / "m.onnx")])
     assert "does not exist" in err
-    err = _error(capsys, ["export", str(pruned_dir), "--output", str(tmp_path)])
+    err = cli_error(capsys, ["export", str(pruned_dir), "--output", str(tmp_path)])
     assert "is a directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
@@ -63,7 +60,7 @@ def test_export_to_an_unwritable_folder_stops_before_any_work(pruned_dir, tmp_pa
     # a permission test by chmod would not hold when the tests run as root
     monkeypatch.setattr(stages.os, "access", lambda path, mode: not (mode & os.W_OK))
     monkeypatch.setattr(stages.models, "load_vtp_model", lambda *a: pytest.fail("loaded the model"))
-    err = _error(capsys, ["export", str(pruned_dir), "--output", str(tmp_path / "m.onnx")])
+    err = cli_error(capsys, ["export", str(pruned_dir), "--output", str(tmp_path / "m.onnx")])
     assert "is not writable" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -108,7 +105,7 @@ def test_a_model_that_could_not_be_saved_stops_before_training(data_dir, tmp_pat
     fix) is found before the first step, not after the last."""
     from cli_helpers import TINY_MODEL
 
-    err = _error(capsys, flags(["sparse-train", "--data", str(data_dir), "-b", "8", "-o", str(tmp_path / "s"),
+    err = cli_error(capsys, flags(["sparse-train", "--data", str(data_dir), "-b", "8", "-o", str(tmp_path / "s"),
                                 "--model-kwargs", '{"act_layer": "gelu_tanh"}'], TINY_MODEL, FAST))
     assert "the trained model could not be saved" in err and "approximate" in err
     assert not (tmp_path / "s" / "checkpoints").exists()

@@ -11,7 +11,7 @@ import torch
 import vtp
 from vtp.app import cli
 
-from cli_helpers import (FAST, TINY_MODEL, assert_same_tensors, flags, state_dict_of,
+from cli_helpers import (FAST, TINY_MODEL, assert_same_tensors, cli_error, flags, state_dict_of,
                          tiny_dense_checkpoint)
 from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
@@ -68,25 +68,18 @@ def test_pretrained_weights_from_a_local_file(tmp_path, data_dir):
     assert vtp.io.read_config(tmp_path / "six" / "model").metadata["dense"]["head_reset"] is True
 
 
-def _error(capsys, argv):
-    assert cli.main(argv) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
 def test_run_without_a_trained_model_stops_before_any_work(capsys, tmp_path, data_dir):
     out = tmp_path / "o"
     run = flags(["run", "--data", str(data_dir), "-o", str(out)], TINY_MODEL, FAST)
-    err = _error(capsys, run)
+    err = cli_error(capsys, run)
     assert "vtp run prunes a trained model, and none was given" in err
     assert "--checkpoint PATH" in err and "--train-epochs N" in err and "vtp train" in err
     dense = tiny_dense_checkpoint(tmp_path / "ten.pth", num_classes=10)
-    err = _error(capsys, run + ["--checkpoint", str(dense), "--reset-head"])
+    err = cli_error(capsys, run + ["--checkpoint", str(dense), "--reset-head"])
     assert "--reset-head starts the classifier afresh" in err and "--train-epochs N" in err
-    err = _error(capsys, run + ["--pretrained-path", str(dense)])
+    err = cli_error(capsys, run + ["--pretrained-path", str(dense)])
     assert "the weights predict 10 classes, the data has 4" in err
-    err = _error(capsys, run + ["--pretrained-path", str(dense), "--checkpoint", str(dense)])
+    err = cli_error(capsys, run + ["--pretrained-path", str(dense), "--checkpoint", str(dense)])
     assert "--checkpoint and --pretrained both give the starting weights" in err
     assert not out.exists()
 
@@ -112,6 +105,6 @@ def test_pretrained_from_the_hub_fails_with_a_clear_message(capsys, tmp_path, mo
     monkeypatch.setattr(builder, "load_state_dict_from_hf", offline)
     monkeypatch.setattr(builder, "load_state_dict_from_url", offline)
     out = tmp_path / "o"
-    err = _error(capsys, flags(["train", "--synthetic", "--pretrained", "-o", str(out)], TINY_MODEL, FAST))
+    err = cli_error(capsys, flags(["train", "--synthetic", "--pretrained", "-o", str(out)], TINY_MODEL, FAST))
     assert "--pretrained: cannot load vit_tiny_patch16_224's weights from timm's hub" in err
     assert "--pretrained-path FILE" in err

@@ -15,7 +15,7 @@ import vtp
 from vtp.app import cli, distill, train
 from vtp.app.distributed import DistInfo
 
-from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, flags, state_dict_of
+from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, cli_error, flags, state_dict_of
 from cli_helpers import in_tmp_dir  # noqa: F401  (fixture)
 
 
@@ -170,42 +170,32 @@ def test_distilled_finetune_resumes_with_the_same_teacher(distilled_run, tmp_pat
     assert teacher == str(distilled_run / "sparse-train" / "model")
 
 
-def _error(capsys, argv, code=1):
-    if code == 2:
-        with pytest.raises(SystemExit) as info:
-            cli.main(argv)
-        assert info.value.code == 2
-    else:
-        assert cli.main(argv) == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def test_bad_distillation_flags_stop_before_any_work(capsys, tmp_path, distilled_run):
     out = tmp_path / "o"
-    assert "--distill-tau: must be > 0, got 0" in _error(
+    assert "--distill-tau: must be > 0, got 0" in cli_error(
         capsys, ["finetune", "x", "--distill", "--distill-tau", "0"], code=2)
-    assert "--distill-alpha: must be in [0, 1], got 1.5" in _error(
+    assert "--distill-alpha: must be in [0, 1], got 1.5" in cli_error(
         capsys, ["run", "--distill", "--distill-alpha", "1.5"], code=2)
-    assert "--distill-alpha: must be in [0, 1], got -0.5" in _error(
+    assert "--distill-alpha: must be in [0, 1], got -0.5" in cli_error(
         capsys, ["finetune", "x", "--distill-alpha", "-0.5"], code=2)
     base = flags(["finetune", str(distilled_run), "-o", str(out)], FAST, SYNTH)
-    err = _error(capsys, base + ["--teacher", "gated"])
+    err = cli_error(capsys, base + ["--teacher", "gated"])
     assert "--teacher gated: add --distill" in err
-    err = _error(capsys, base + ["--distill", "--teacher", str(tmp_path)])
+    err = cli_error(capsys, base + ["--distill", "--teacher", str(tmp_path)])
     assert f"--teacher {tmp_path}: not a directory written by vtp.save" in err
     # a pruned model that records neither its dense nor its gated model: no teacher to find
     gated = vtp.add_gates(_tiny_vit())
     vtp.save(vtp.prune(gated, vtp.plan(gated, ratio=0.3)), tmp_path / "bare")
     bare = flags(["finetune", str(tmp_path / "bare"), "-o", str(out), "--distill"], FAST, SYNTH)
-    assert "records no dense model" in _error(capsys, bare)
-    assert "records no gated model" in _error(capsys, bare + ["--teacher", "gated"])
+    assert "records no dense model" in cli_error(capsys, bare)
+    assert "records no gated model" in cli_error(capsys, bare + ["--teacher", "gated"])
     # a teacher of other classes
     vtp.save(_tiny_vit(num_classes=5), tmp_path / "five")
-    err = _error(capsys, bare + ["--teacher", str(tmp_path / "five")])
+    err = cli_error(capsys, bare + ["--teacher", str(tmp_path / "five")])
     assert "predicts 5 classes, the student 3" in err
-    err = _error(capsys, flags(["run", "--train-epochs", "1", "--distill", "--teacher",
+    err = cli_error(capsys, flags(["run", "--train-epochs", "1", "--distill", "--teacher",
                                 str(tmp_path / "five"), "-o", str(out)], TINY_MODEL, FAST, SYNTH))
     assert "predicts 5 classes, the data has 3" in err
     assert not out.exists()

@@ -212,22 +212,22 @@ def cmd_demo(args, parser) -> int:
     return 0
 
 
-def cmd_train(args, parser, after_step=None) -> int:
+def _training_command(args, parser, command: str, stage, after_step) -> int:
+    """A stage that trains a model it builds: checks, then the stage in its own directory."""
     precheck(args, need_train=True)
     resume = check_fresh_or_resume(args.output, args.resume)
-    ctx = Context(args, "train")
+    ctx = Context(args, command)
     write_stage_config(ctx, args, parser, ctx.out)
-    stage_train(args, ctx, ctx.out, resume, after_step=after_step)
+    stage(args, ctx, ctx.out, resume, after_step=after_step)
     return 0
+
+
+def cmd_train(args, parser, after_step=None) -> int:
+    return _training_command(args, parser, "train", stage_train, after_step)
 
 
 def cmd_sparse_train(args, parser, after_step=None) -> int:
-    precheck(args, need_train=True)
-    resume = check_fresh_or_resume(args.output, args.resume)
-    ctx = Context(args, "sparse-train")
-    write_stage_config(ctx, args, parser, ctx.out)
-    stage_sparse_train(args, ctx, ctx.out, resume, after_step=after_step)
-    return 0
+    return _training_command(args, parser, "sparse-train", stage_sparse_train, after_step)
 
 
 def cmd_prune(args, parser) -> int:
