@@ -248,3 +248,26 @@ def test_benchmark_smoke(tmp_path):
     keys = {f"deit_s/{m}/{v}" for m in ("fwd", "fwd+bwd") for v in ("triton", "reference", "compiled", "dense")}
     assert set(record["medians_ms"]) == keys
     assert all(len(r["raw_ms"]) == record["config"]["rep"] and r["median_ms"] > 0 for r in record["results"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_padded_values_give_the_packed_result(dtype):
+    """V padded to the head width (head h's values first in its D columns, anything after)
+    is the same attention as V packed, through the reference and the kernel alike."""
+    B, H, N, D = 2, 4, 13, 16
+    widths = (16, 0, 5, 9)
+    q, k = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(2))
+    packed = torch.randn(B, N, sum(widths), dtype=dtype)
+    padded = torch.randn(B, N, H * D, dtype=dtype)  # the columns past each width are noise
+    cols = torch.tensor([h * D + j for h, w in enumerate(widths) for j in range(w)])
+    padded[..., cols] = packed
+    want = reference.packed_attention(q.float(), k.float(), packed.float(), widths)
+    got = reference.packed_attention(q.float(), k.float(), padded.float(), widths, v_padded=True)
+    # the same arithmetic on the same values: only the summation order of SDPA may differ
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with vtp_kernels.use_backend("triton"):
+        out = vtp_kernels.packed_attention(q, k, padded, widths, v_padded=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: one rounding of the output
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"v: expected shape \[2, 13, 64\]"):
+        reference.packed_attention(q, k, packed, widths, v_padded=True)

@@ -38,14 +38,20 @@ def test_pruned_profile_matches_its_shapes():
     assert p.params == sum(t.numel() for t in small.parameters())
     tokens = 17
     expected = 16 * 48 * 3 * 8 * 8 + 48 * 5  # patch embedding, head
+    padding = 0
     for block in small.blocks:
         attn, mlp = block.attn, block.mlp
-        expected += tokens * attn.qkv.in_features * attn.qkv.out_features
-        expected += tokens * tokens * (attn.qk_dim + attn.v_dim) if hasattr(attn, "qk_dim") else \
-            tokens * tokens * 2 * attn.attn_dim
+        # kept MACs: the qkv rows of kept dims only, not the zero rows padding V to head_dim
+        expected += tokens * attn.qkv.in_features * (2 * attn.qk_dim + attn.v_dim)
+        padding += tokens * attn.qkv.in_features * (attn.qkv.out_features - 2 * attn.qk_dim - attn.v_dim)
+        padding += tokens * tokens * (attn.qk_dim - attn.v_dim)  # attention runs on V padded to head_dim
+        expected += tokens * tokens * (attn.qk_dim + attn.v_dim)
         expected += tokens * attn.proj.in_features * attn.proj.out_features
         expected += tokens * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
     assert p.macs == expected
+    assert p.executed_macs == expected + padding > expected
+    packed = vtp.profile(vtp.prune(model, vtp.plan(model, ratio=0.5), layout="packed"))
+    assert packed.macs == p.macs and packed.executed_macs < p.executed_macs
 
 
 @pytest.mark.parametrize("img_size", [36, (40, 44)])

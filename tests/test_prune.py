@@ -32,11 +32,12 @@ def _edge_case_plan(model, seed: int):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("fold", [True, False])
-def test_pruned_equals_masked_gated_model(variant, fold):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_pruned_equals_masked_gated_model(variant, fold, layout):
     model = vtp.add_gates(make_vit(variant))
     randomize_gates(model, seed=len(variant))
     plan = _edge_case_plan(model, seed=1)
-    small = vtp.prune(model, plan, fold=fold)
+    small = vtp.prune(model, plan, fold=fold, layout=layout)
     masked = copy.deepcopy(model)
     masked_copy_gates(masked, plan, fold=fold)
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
@@ -131,3 +132,21 @@ def test_every_module_of_the_pruned_model_keeps_the_training_mode(training):
     randomize_gates(model)
     small = vtp.prune(model, _edge_case_plan(model, seed=3))
     assert {m.training for m in small.modules()} == {training}
+
+
+def test_layout_is_saved_and_a_bad_one_is_named(tmp_path):
+    import json
+
+    model = vtp.add_gates(make_vit())
+    randomize_gates(model)
+    plan = vtp.plan(model, ratio=0.5)
+    for layout in ("packed", "padded"):
+        small = vtp.prune(model, plan, layout=layout)
+        vtp.save(small, tmp_path / layout)
+        assert json.loads((tmp_path / layout / "config.json").read_text())["layout"] == layout
+        loaded = vtp.load(tmp_path / layout)
+        assert loaded.blocks[0].attn.v_layout == layout
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        assert torch.equal(loaded(x), small(x))
+    with pytest.raises(ValueError, match="layout: expected one of packed, padded"):
+        vtp.prune(model, plan, layout="sparse")

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .atomic import replace_directory, write_json
 from .gates import SITES, add_gates, gates
+from .modules import V_LAYOUTS
 from .plan import PruningPlan
 from .prune import prune
 from .rebuild import build, describe, read_drop_path_rate
@@ -90,6 +91,8 @@ def build_model(config: dict) -> nn.Module:
     sites = _field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in SITES for s in v),
                    f"a list of sites among {', '.join(SITES)}", [])
     fold = _field(config, "fold", lambda v: isinstance(v, bool), "true or false", True)
+    # version 1 and early version 2 files hold packed values
+    layout = _field(config, "layout", lambda v: v in V_LAYOUTS, f"one of {', '.join(V_LAYOUTS)}", "packed")
     plan = config.get("plan")
     if plan is not None and not isinstance(plan, dict):
         raise ValueError(f"config: plan: expected an object or null, got {plan!r}")
@@ -97,7 +100,7 @@ def build_model(config: dict) -> nn.Module:
     if sites:
         add_gates(model, sites)
     if plan is not None:
-        model = prune(model, PruningPlan.from_dict(plan), fold=fold)
+        model = prune(model, PruningPlan.from_dict(plan), fold=fold, layout=layout)
     return model.to(getattr(torch, dtype))
 
 
@@ -121,7 +124,8 @@ def _describe(model: nn.Module) -> dict:
                             f"vtp.load ({e})") from None
         base["model_args"]["drop_path_rate"] = read_drop_path_rate(model)
         sites = sorted({n.split(".")[-1] for n in plan.kept}, key=SITES.index)
-        base.update(gated_sites=sites, plan=plan.to_dict(), fold=model.vtp_pruned_from.fold)
+        base.update(gated_sites=sites, plan=plan.to_dict(), fold=model.vtp_pruned_from.fold,
+                    layout=model.vtp_pruned_from.layout)
     else:
         base = describe(model)
         sites = sorted({n.split(".")[-1] for n in gates(model)}, key=SITES.index)

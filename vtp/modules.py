@@ -27,7 +27,7 @@ from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 import vtp_kernels
 
-__all__ = ["GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
+__all__ = ["V_LAYOUTS", "GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
            "PrunedParallelBlock", "ConstantBranch", "HeadsOfPositionBias", "TablePositionBias", "DecomposedPositionBias"]
 
 
@@ -232,6 +232,9 @@ class DecomposedPositionBias(nn.Module):
 # Attention
 
 
+V_LAYOUTS = ("packed", "padded")
+
+
 def _select_heads(bias: Optional[torch.Tensor], heads: torch.Tensor, dense_heads: int) -> Optional[torch.Tensor]:
     """A bias or mask over the dense model's heads, restricted to the kept ones; one that
     broadcasts over heads is left as it is."""
@@ -266,6 +269,10 @@ class PrunedAttention(_NotScriptable, nn.Module):
                           then keep their full width, and the norm emits the kept dims
       gated               an output gate ``sigmoid(gate(x))`` over the kept value dims
       in_index            read only these input columns (post-norm blocks)
+      v_layout            "packed": qkv emits each head's kept values side by side;
+                          "padded": qkv emits ``head_dim`` values per head, the kept ones
+                          first and zero rows after them, so attention runs on V as it comes
+                          (no scatter into a padded copy); the output is packed either way
       kept_heads          the dense model's index of each kept head: a shared bias or a
                           mask given over all the dense model's heads is restricted to these
     """
@@ -278,11 +285,16 @@ class PrunedAttention(_NotScriptable, nn.Module):
                  norm: Optional[nn.Module] = None, gated: bool = False, gate_bias: bool = True,
                  in_index: Optional[torch.Tensor] = None,
                  kept_heads: Optional[Sequence[int]] = None, dense_heads: Optional[int] = None,
-                 device=None, dtype=None):
+                 v_layout: str = "packed", device=None, dtype=None):
         super().__init__()
         v_widths = tuple(int(w) for w in v_widths)
         if not v_widths or min(v_widths) < 1:
             raise ValueError(f"v_widths: expected one positive width per kept head, got {v_widths}")
+        if v_layout not in V_LAYOUTS:
+            raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
+        if v_layout == "padded" and max(v_widths) > head_dim:
+            raise ValueError(f"v_widths: a padded V holds at most head_dim={head_dim} values per head")
+        self.v_layout = v_layout
         self.num_heads = len(v_widths)
         self.head_dim = head_dim
         self.v_widths = v_widths
@@ -305,7 +317,8 @@ class PrunedAttention(_NotScriptable, nn.Module):
         else:
             self.in_index = None
             width = in_features
-        self.qkv = nn.Linear(width, 2 * self.qk_dim + self.v_dim, bias=qkv_bias, **dd)
+        self.v_rows = self.qk_dim if v_layout == "padded" else self.v_dim
+        self.qkv = nn.Linear(width, 2 * self.qk_dim + self.v_rows, bias=qkv_bias, **dd)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.rope = rope_module
@@ -350,15 +363,24 @@ class PrunedAttention(_NotScriptable, nn.Module):
             term = _additive(_select_heads(term, self.kept_heads, self.dense_heads), q.dtype)
             if term is not None:
                 bias = term if bias is None else bias + term
-        out = self.norm(vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=bias))
+        out = self.norm(vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=bias,
+                                                     v_padded=self.v_layout == "padded"))
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
         out = self.proj_drop(self.proj(out))
         return out.view(B, *spatial, -1) if spatial is not None else out
 
+    def value_rows(self) -> torch.Tensor:
+        """Where each kept value dim sits among qkv's V rows (packed: in order; padded: the
+        first ``v_widths[h]`` of head ``h``'s ``head_dim`` rows)."""
+        if self.v_layout == "packed":
+            return torch.arange(self.v_dim)
+        return torch.tensor([h * self.head_dim + j for h, w in enumerate(self.v_widths) for j in range(w)])
+
     def extra_repr(self) -> str:
         rope = f", rope after {self.rope_prefix_tokens} tokens" if self.rope_prefix_tokens is not None else ""
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{rope}"
+        layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{layout}{rope}"
 
 
 class PrunedParallelBlock(_NotScriptable, nn.Module):
@@ -373,9 +395,13 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
     def __init__(self, dim: int, in_features: int, head_dim: int, v_widths: Sequence[int], mlp_hidden: int,
                  in_norm: nn.Module, in_proj_bias: bool, mlp_bias: bool, proj_bias: bool,
                  q_norm: Optional[nn.Module], k_norm: Optional[nn.Module], mlp_act: nn.Module,
-                 mlp_drop: float, ls: nn.Module, drop_path: nn.Module, scale: float, device=None, dtype=None):
+                 mlp_drop: float, ls: nn.Module, drop_path: nn.Module, scale: float,
+                 v_layout: str = "packed", device=None, dtype=None):
         super().__init__()
+        if v_layout not in V_LAYOUTS:
+            raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
         dd = {"device": device, "dtype": dtype}
+        self.v_layout = v_layout
         self.v_widths = tuple(int(w) for w in v_widths)
         self.num_heads = len(self.v_widths)
         self.head_dim = head_dim
@@ -383,7 +409,8 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
         self.v_dim = sum(self.v_widths)
         self.mlp_hidden = mlp_hidden
         self.scale = scale
-        self.in_split = [mlp_hidden, self.qk_dim, self.qk_dim, self.v_dim]
+        self.in_split = [mlp_hidden, self.qk_dim, self.qk_dim,
+                         self.qk_dim if v_layout == "padded" else self.v_dim]
         self.in_norm = in_norm
         self.in_proj = nn.Linear(in_features, sum(self.in_split), bias=in_proj_bias, **dd)
         self.mlp_bias = nn.Parameter(torch.zeros(mlp_hidden, **dd)) if mlp_bias else None
@@ -411,15 +438,19 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
         if self.attn_out_proj is not None:
             q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
             k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
-            out = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=attn_mask)
+            out = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=attn_mask,
+                                               v_padded=self.v_layout == "padded")
             y = y + self.attn_out_proj(out)
         if y.dim() == 1:  # every part constant: a layer scale may work in place
             y = y.expand_as(x).contiguous()
         return x + self.drop_path(self.ls(y))
 
+    value_rows = PrunedAttention.value_rows
+
     def extra_repr(self) -> str:
+        layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}, " \
-               f"mlp_hidden={self.mlp_hidden}"
+               f"mlp_hidden={self.mlp_hidden}{layout}"
 
 
 class ConstantBranch(_NotScriptable, nn.Module):

@@ -27,9 +27,13 @@ __all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_si
 
 @dataclass(frozen=True)
 class Profile:
+    """``macs`` counts the kept dimensions (what a plan and the literature count);
+    ``executed_macs`` also the zeros a layout computes with (padded value rows, and values
+    padded to the head width inside attention, as the PyTorch path runs it)."""
     params: int
     macs: int
     img_size: Tuple[int, int]
+    executed_macs: int = 0
 
     @property
     def gmacs(self) -> float:
@@ -118,6 +122,7 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
         raise ValueError(f"img_size: {size} is not a multiple of the patch size {patch} (no dynamic_img_pad)")
     params = sum(p.numel() for p in model.parameters())
     total = [0]
+    zeros = {"linear": 0, "attention": 0}  # work on zeros a layout adds: executed, not kept
 
     def linear_hook(m: nn.Linear, inputs, output):
         total[0] += inputs[0].numel() // m.in_features * m.in_features * m.out_features
@@ -131,6 +136,12 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
         batch, tokens = inputs[0].shape[0], inputs[0][0, ..., 0].numel()
         qk, v = _attention_dims(m)
         total[0] += batch * tokens * tokens * (qk + v)
+        if isinstance(m, (PrunedAttention, PrunedParallelBlock)) and m.v_dim:
+            padded = m.qk_dim - m.v_dim  # V padded to the head width for attention
+            zeros["attention"] += batch * tokens * tokens * padded
+            if m.v_layout == "padded":   # ... and computed so: zero rows the linear hook counted
+                projection = m.qkv if isinstance(m, PrunedAttention) else m.in_proj
+                zeros["linear"] += batch * tokens * projection.in_features * padded
 
     handles = []
     for m in model.modules():
@@ -153,4 +164,5 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
         model.train(was_training)
         for h in handles:
             h.remove()
-    return Profile(params=params, macs=total[0], img_size=size)
+    return Profile(params=params, macs=total[0] - zeros["linear"], img_size=size,
+                   executed_macs=total[0] + zeros["attention"])

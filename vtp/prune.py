@@ -37,11 +37,15 @@ from timm.models.vision_transformer_relpos import RelPosAttention
 from timm.models.vision_transformer_sam import Attention as SamAttention
 
 from .architectures import Branch, attention_head_dim, attention_input_names, branches, check_supported, site_linears
-from .modules import (ConstantBranch, DecomposedPositionBias, GatedLinear, HeadsOfPositionBias,
+from .modules import (V_LAYOUTS, ConstantBranch, DecomposedPositionBias, GatedLinear, HeadsOfPositionBias,
                       IndexedLinear, PrunedAttention, PrunedParallelBlock, TablePositionBias, kept_norm)
 from .plan import PruningPlan
 
-__all__ = ["prune", "PrunedFrom"]
+__all__ = ["prune", "PrunedFrom", "DEFAULT_V_LAYOUT"]
+
+# How pruned attention lays out its values unless told otherwise: measured faster on the
+# CPU (benchmarks/results/pruned_cpu.json; no GPU run yet).
+DEFAULT_V_LAYOUT = "padded"
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,12 @@ class PrunedFrom:
     ``dense`` is the gated input model's structure on the meta device (no weights, no
     memory): the pruned modules no longer say what the dense ones were, and ``vtp.save``
     needs that to describe how to rebuild the model. ``fold`` says whether the kept gate
-    values were multiplied into the weights.
+    values were multiplied into the weights; ``layout`` how pruned attention lays out V.
     """
 
     dense: nn.Module
     fold: bool
+    layout: str = "packed"
 
 
 def structure_copy(model: nn.Module) -> nn.Module:
@@ -67,7 +72,7 @@ def structure_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
+def prune(model: nn.Module, plan: PruningPlan, fold: bool = True, layout: str = DEFAULT_V_LAYOUT) -> nn.Module:
     """Return a new, physically smaller copy of the gated ``model`` as ``plan`` says.
 
     fold=True (default) multiplies each kept gate value into its weight columns, so the
@@ -75,9 +80,14 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
     gate values (resets them to 1), as in the VTP paper. The result has no gates, records
     the plan as ``model.vtp_plan`` (and what it was pruned from as ``model.vtp_pruned_from``)
     and keeps ``model``'s training mode and device.
+
+    ``layout`` says how a pruned attention lays out its values (``PrunedAttention``):
+    "padded" (the default, the faster on the CPU: see the README) or "packed".
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan: expected a vtp.PruningPlan, got {type(plan).__name__}")
+    if layout not in V_LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(V_LAYOUTS)}, got {layout!r}")
     check_supported(model)
     plan.check_model(model)
     for branch in branches(model):
@@ -92,7 +102,7 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
             effective = {site: _effective_gate(branch, site, plan, fold) for site in branch.sites}
             before = set(branch.host.modules())
             replacement = {"attn": _prune_attention, "mlp": _prune_mlp, "parallel": _prune_parallel}[
-                branch.kind](branch, effective)
+                branch.kind](branch, effective, layout)
             if replacement is not None:  # a whole block made anew
                 replacement.train(branch.host.training)
                 pruned.blocks[int(branch.name.split(".")[1])] = replacement
@@ -100,7 +110,7 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True) -> nn.Module:
                 if m not in before:
                     m.training = branch.host.training
     pruned.vtp_plan = plan
-    pruned.vtp_pruned_from = PrunedFrom(dense=structure_copy(model), fold=fold)
+    pruned.vtp_pruned_from = PrunedFrom(dense=structure_copy(model), fold=fold, layout=layout)
     return pruned
 
 
@@ -179,7 +189,7 @@ def _make_constant(branch: Branch, value: torch.Tensor) -> None:
 # MLP branches
 
 
-def _prune_mlp(branch: Branch, gates: Dict[str, Gate]) -> None:
+def _prune_mlp(branch: Branch, gates: Dict[str, Gate], layout: str) -> None:
     mlp = branch.module()
     (kept_in, g_in), (kept_hidden, g_hidden) = gates["mlp_in"], gates["mlp_hidden"]
     fc2 = mlp.fc2
@@ -285,7 +295,17 @@ def _constant_attention(parts: _AttentionParts, g_in: torch.Tensor, g_out: torch
     return F.linear(out * g_out, w, parts.proj.bias)
 
 
-def _prune_attention(branch: Branch, gates: Dict[str, Gate]) -> None:
+def _laid_out(module: nn.Module, packed: torch.Tensor) -> torch.Tensor:
+    """Rows of the packed value dims as ``module``'s V layout holds them (padded: at their
+    place in their head's ``head_dim`` rows, zero rows between)."""
+    if module.v_layout == "packed":
+        return packed
+    out = packed.new_zeros((module.qk_dim,) + tuple(packed.shape[1:]))
+    out[module.value_rows().to(packed.device)] = packed
+    return out
+
+
+def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> None:
     attn = branch.module()
     parts = _attention_parts(attn)
     (kept_in, g_in), (kept_out, g_out) = gates["attn_in"], gates["attn_out"]
@@ -316,24 +336,21 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate]) -> None:
     qk_rows = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
     device = parts.proj.weight.device
     q_rows, v_rows = qk_rows.to(device), v_rows.to(device)
-    (wq, wk, wv) = parts.weights
-    w_qkv = torch.cat([wq[q_rows], wk[q_rows], wv[v_rows]])
-    b_qkv = None
-    if parts.biases is not None:
-        bq, bk, bv = parts.biases
-        b_qkv = torch.cat([bq[q_rows], bk[q_rows], bv[v_rows]])
     new = PrunedAttention(
-        width if in_index is not None else kept_in.numel(), parts.proj.out_features, head_dim, widths, qkv_bias=b_qkv is not None,
-        proj_bias=parts.proj.bias is not None, q_norm=getattr(attn, "q_norm", None),
+        width if in_index is not None else kept_in.numel(), parts.proj.out_features, head_dim, widths,
+        qkv_bias=parts.biases is not None, proj_bias=parts.proj.bias is not None, q_norm=getattr(attn, "q_norm", None),
         k_norm=getattr(attn, "k_norm", None), proj_drop=attn.proj_drop.p, scale=attn.scale,
         rope_prefix_tokens=parts.rope_prefix_tokens, rotate_half=parts.rotate_half,
         rope_module=parts.rope_module, position_bias=_position_bias(attn, live), norm=norm,
         gated=parts.gate is not None, gate_bias=parts.gate is not None and parts.gate.bias is not None,
-        in_index=in_index, kept_heads=live, dense_heads=parts.heads, device=device,
-        dtype=parts.proj.weight.dtype)
+        in_index=in_index, kept_heads=live, dense_heads=parts.heads,
+        v_layout="packed" if output_norm else layout, device=device, dtype=parts.proj.weight.dtype)
+    (wq, wk, wv) = parts.weights
+    w_qkv = torch.cat([wq[q_rows], wk[q_rows], _laid_out(new, wv[v_rows])])
     new.qkv.weight.copy_(_scaled_columns(w_qkv, gates["attn_in"]))
-    if b_qkv is not None:
-        new.qkv.bias.copy_(b_qkv)
+    if parts.biases is not None:
+        bq, bk, bv = parts.biases
+        new.qkv.bias.copy_(torch.cat([bq[q_rows], bk[q_rows], _laid_out(new, bv[v_rows])]))
     if parts.gate is not None:
         rows = kept_out.to(device)
         new.gate.weight.copy_(_scaled_columns(parts.gate.weight[rows], gates["attn_in"]))
@@ -349,7 +366,7 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate]) -> None:
 # Parallel (fused input projection) branches
 
 
-def _prune_parallel(branch: Branch, gates: Dict[str, Gate]) -> nn.Module:
+def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.Module:
     """A ParallelScalingBlock becomes a PrunedParallelBlock (returned: it replaces the block)."""
     block = branch.host
     (kept_in, g_in), (kept_out, g_out), (kept_hidden, g_hidden) = (
@@ -363,7 +380,6 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate]) -> nn.Module:
     counts = torch.bincount(kept_out // head_dim, minlength=heads).tolist()
     live = [h for h in range(heads) if counts[h] > 0]
     qk = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
-    rows = torch.cat([kept_hidden, hidden + qk, hidden + dim + qk, hidden + 2 * dim + kept_out]).to(device)
     width = w.shape[1]
     narrowed = 0 < kept_in.numel() < width
     new = PrunedParallelBlock(
@@ -371,11 +387,16 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate]) -> nn.Module:
         [counts[h] for h in live], kept_hidden.numel(),
         kept_norm(block.in_norm, kept_in) if narrowed else block.in_norm, b is not None,
         block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, block.k_norm,
-        block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale,
+        block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale, v_layout=layout,
         device=device, dtype=w.dtype)
-    new.in_proj.weight.copy_(_scaled_columns(w[rows], gates["attn_in"]) if narrowed else w[rows] * g_in)
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:
+        parts = (kept_hidden, hidden + qk, hidden + dim + qk)
+        return torch.cat([t[torch.cat(parts).to(device)], _laid_out(new, t[(hidden + 2 * dim + kept_out).to(device)])])
+
+    new.in_proj.weight.copy_(_scaled_columns(rows_of(w), gates["attn_in"]) if narrowed else rows_of(w) * g_in)
     if b is not None:
-        new.in_proj.bias.copy_(b[rows])
+        new.in_proj.bias.copy_(rows_of(b))
     if block.mlp_bias is not None:
         new.mlp_bias.copy_(block.mlp_bias[kept_hidden.to(device)])
     constant = torch.zeros_like(new.constant)

@@ -50,12 +50,18 @@ def layer_norm_gather(
 
 def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
-    attn_bias: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None, v_padded: bool = False,
 ) -> torch.Tensor:
-    """Attention over heads with per-head value widths (packed V); see the reference.
+    """Attention over heads with per-head value widths; V packed, or padded to the head
+    width (``v_padded``); the output packed. See the reference.
 
     The Triton kernel takes no additive bias: attention with a position bias or a mask
-    (``attn_bias``) always runs the reference."""
+    (``attn_bias``) always runs the reference. It reads packed V: a padded one is gathered
+    to packed first."""
     if attn_bias is None and use_triton("packed_attention", q):
+        if v_padded:
+            D = q.shape[-1]
+            cols = [h * D + j for h, w in enumerate(v_widths) for j in range(int(w))]
+            v = v[..., torch.tensor(cols, dtype=torch.long, device=v.device)]
         return packed_attention_triton(q, k, v, v_widths, scale)
-    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias)
+    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded)

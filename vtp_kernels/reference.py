@@ -43,13 +43,25 @@ def layer_norm_gather(
     x: ``[..., D]``; index: int64 ``[k]`` (values in ``[0, D)``); weight, bias: ``[k]``
     (the affine parameters of the kept columns only) or None. Returns ``[..., k]``.
     Mean and variance are over all D columns, exactly as the unpruned LayerNorm.
+
+    The affine parameters are scattered to the full width so that ``F.layer_norm`` applies
+    them in its own pass, and the kept columns are taken with ``gather``: on a 2-core CPU
+    (DeiT-S, batch 8, 211 of 384 columns) 0.36 ms against 0.94 ms for normalising, taking
+    the columns with ``index_select`` and scaling them afterwards.
     """
-    y = F.layer_norm(x, (x.shape[-1],), None, None, eps).index_select(-1, index)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+    D = x.shape[-1]
+    params = [p for p in (weight, bias) if p is not None]
+    if D == 1 or any(p.dtype != x.dtype for p in params):
+        # Mixed precision: the affine step promotes, as ``y * weight + bias`` does. One
+        # column: its variance is 0, so 1/sqrt(eps) magnifies whatever the fused backward
+        # does not cancel, while this form's gradient cancels exactly.
+        y = F.layer_norm(x, (D,), None, None, eps).index_select(-1, index)
+        if weight is not None:
+            y = y * weight
+        return y + bias if bias is not None else y
+    full = [None if p is None else p.new_zeros(D).index_copy(0, index, p) for p in (weight, bias)]
+    y = F.layer_norm(x, (D,), full[0], full[1], eps)
+    return torch.gather(y, -1, index.expand(*y.shape[:-1], index.numel()))
 
 
 def packed_attention(
@@ -59,43 +71,50 @@ def packed_attention(
     v_widths: Sequence[int],
     scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None,
+    v_padded: bool = False,
 ) -> torch.Tensor:
     """Softmax attention whose heads have different value widths.
 
     q, k: ``[B, H, N, D]``; v: ``[B, N, sum(v_widths)]`` with head ``h``'s values
-    packed at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``. A width may be 0.
-    Returns ``[B, N, sum(v_widths)]`` packed the same way, ready for the output
-    projection. ``scale`` defaults to ``D ** -0.5``. ``attn_bias`` is added to the scores
-    (``[..., H, N, N]`` or broadcastable to it, as ``scaled_dot_product_attention`` takes).
+    packed at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``, or, with ``v_padded``,
+    ``[B, N, H * D]`` with head ``h``'s values at ``[h * D, h * D + v_widths[h])`` (what the
+    other columns hold is ignored). A width may be 0. Returns ``[B, N, sum(v_widths)]``,
+    packed, ready for the output projection. ``scale`` defaults to ``D ** -0.5``.
+    ``attn_bias`` is added to the scores (``[..., H, N, N]`` or broadcastable to it, as
+    ``scaled_dot_product_attention`` takes).
 
-    Computed by scattering V into a zero-padded ``[B, N, H, D]`` tensor, one
-    ``scaled_dot_product_attention`` call, and gathering the kept columns back. V is padded
-    to the queries' width D rather than to the widest head because the fused SDPA kernels
-    need q, k and v of one width (flash on CPU and CUDA): measured on a 2-core CPU, DeiT-S
-    attention at batch 8 takes 16 ms fused against 72-78 ms on the math path that any
-    narrower V falls back to.
+    Computed by one ``scaled_dot_product_attention`` call on V padded to the queries' width D
+    (packed V is scattered into zeros first), then gathering the kept columns. D rather than
+    the widest head because the fused SDPA kernels need q, k and v of one width (flash on
+    CPU and CUDA): measured on a 2-core CPU, DeiT-S attention at batch 8 takes 16 ms fused
+    against 72-78 ms on the math path that any narrower V falls back to.
     """
     B, H, N, D = q.shape
     widths = [int(w) for w in v_widths]
     if len(widths) != H:
         raise ValueError(f"v_widths: expected {H} entries (one per head of q), got {len(widths)}")
     total = sum(widths)
-    if v.shape[:2] != (B, N) or v.shape[-1] != total:
-        raise ValueError(f"v: expected shape [{B}, {N}, {total}], got {list(v.shape)}")
+    if any(w > D for w in widths) and v_padded:
+        raise ValueError(f"v_widths: a padded V holds at most {D} values per head, got {widths}")
+    expected = H * D if v_padded else total
+    if v.shape[:2] != (B, N) or v.shape[-1] != expected:
+        raise ValueError(f"v: expected shape [{B}, {N}, {expected}], got {list(v.shape)}")
     if scale is None:
         scale = D ** -0.5
     if total == 0:
         return v.new_zeros(B, N, 0)
     width = max(D, max(widths))
-    if widths == [width] * H:
-        v_pad = v.view(B, N, H, width).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v_pad, attn_mask=attn_bias, scale=scale)
-        return out.transpose(1, 2).reshape(B, N, total)
-    pad_index = _pad_index(tuple(widths), width, v.device)
-    v_pad = v.new_zeros(B, N, H * width).index_copy(-1, pad_index, v)
-    v_pad = v_pad.view(B, N, H, width).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v_pad, attn_mask=attn_bias, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, H * width).index_select(-1, pad_index)
+    full = widths == [width] * H
+    if not (v_padded or full):
+        pad_index = _pad_index(tuple(widths), width, v.device)
+        v = v.new_zeros(B, N, H * width).index_copy(-1, pad_index, v)
+    out = F.scaled_dot_product_attention(q, k, v.view(B, N, H, width).transpose(1, 2), attn_mask=attn_bias,
+                                         scale=scale)
+    out = out.transpose(1, 2).reshape(B, N, H * width)
+    if full:
+        return out
+    # gather, not index_select: 0.27 ms against 0.47 ms for DeiT-S at batch 8 on 2 cores
+    return torch.gather(out, -1, _pad_index(tuple(widths), width, v.device).expand(B, N, total))
 
 
 def _pad_index(widths: Tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
