@@ -5,9 +5,10 @@ values (uniform in [0, 1): a global threshold then cuts every site), and ``vtp.p
 20 % and 40 % of the gated dims and to a FLOPs target of 0.55, each with every ``round_to``.
 Against them: the dense model and a uniformly narrower timm ViT of about the FLOPs-target
 MACs (same depth and heads, smaller embed_dim, what a user would train instead of pruning).
-Layout variants of the FLOPs-target plan: ``packed`` (VTP's: each head keeps only its kept
-value dims) and ``heads`` (each kept head keeps all its value dims: the layout a
-zero-padded V would execute, at its extra MACs).
+Layout variants of the FLOPs-target plan: ``padded`` (the default: V padded with zero rows
+to the head width, so attention takes it as it comes), ``packed`` (each head's kept values
+side by side, scattered into a padded copy for attention) and ``heads`` (each kept head
+keeps all its value dims as real weights: what a fully padded layout would execute).
 
 Every model of one (batch size, eager or torch.compile) group is timed in turns, one forward
 each per round, after warm-up, in inference mode with ``--threads`` threads; the record keeps
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16], help="round_to of every plan")
     p.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"],
                    help="eager, and torch.compile (inductor); compiled: dense, uniform and the "
-                        "FLOPs-target plans only (a compile costs minutes on a CPU)")
+                        "FLOPs-target plans in the default layout only (a compile costs minutes on a CPU)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds (every model once per round)")
     p.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -113,11 +114,13 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Di
         for ratio in ratios:
             plan = vtp.plan(gated, ratio=ratio, round_to=rt)
             out[f"ratio {ratio:g} round_to {rt}"] = {"model": vtp.prune(gated, plan).eval(), "kind": "pruned",
-                                                     "ratio": ratio, "round_to": rt, "layout": "packed"}
+                                                     "ratio": ratio, "round_to": rt, "layout": "padded"}
         plan = vtp.plan(gated, flops_target=flops_target, round_to=rt)
         key = f"flops {flops_target:g} round_to {rt}"
-        out[key] = {"model": vtp.prune(gated, plan).eval(), "kind": "pruned", "flops_target": flops_target,
-                    "round_to": rt, "layout": "packed"}
+        out[key] = {"model": vtp.prune(gated, plan, layout="padded").eval(), "kind": "pruned",
+                    "flops_target": flops_target, "round_to": rt, "layout": "padded"}
+        out[key + " packed"] = {"model": vtp.prune(gated, plan, layout="packed").eval(), "kind": "pruned",
+                                "flops_target": flops_target, "round_to": rt, "layout": "packed"}
         out[key + " heads"] = {"model": vtp.prune(gated, heads_layout(plan)).eval(), "kind": "pruned",
                                "flops_target": flops_target, "round_to": rt, "layout": "heads"}
     target = vtp.profile(out[f"flops {flops_target:g} round_to {round_tos[0]}"]["model"]).macs
@@ -128,6 +131,7 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Di
         v["macs"] = vtp.profile(v["model"]).macs
         v["params"] = sum(p.numel() for p in v["model"].parameters())
         v["mac_ratio"] = dense_macs / v["macs"]
+        v["executed_macs"] = vtp.profile(v["model"]).executed_macs
     return out
 
 
@@ -197,7 +201,8 @@ def main(argv=None) -> int:
         vs = variants(name, args.seed, args.ratios, args.flops_target, args.round_to)
         img = vs["dense"]["model"].patch_embed.img_size[0]
         for mode in args.modes:
-            chosen = {k: v for k, v in vs.items() if mode == "eager" or not k.startswith("ratio")}
+            chosen = {k: v for k, v in vs.items() if mode == "eager" or k in ("dense", "uniform")
+                      or (k.startswith("flops") and v["layout"] == "padded")}
             models = {k: v["model"] for k, v in chosen.items()}
             if mode == "compile":
                 models = {k: torch.compile(m) for k, m in models.items()}
