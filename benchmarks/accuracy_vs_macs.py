@@ -27,7 +27,6 @@ settings: finished fine-tunings are kept in ``<work>/runs.json``, trained models
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -45,7 +44,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import vtp  # noqa: E402
-from vtp.app.demo import accuracy, build_demo_model, train  # noqa: E402
+from vtp.app.demo import accuracy, adamw, build_demo_model, train  # noqa: E402
 from vtp.app.distill import Distiller  # noqa: E402
 from vtp.app.mnist import load_mnist_5k, train_test_split  # noqa: E402
 from vtp.app.tables import format_table  # noqa: E402
@@ -122,17 +121,9 @@ def random_scores(gated, seed: int) -> Dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------
 # Training recipe (the demo's)
 # ---------------------------------------------------------------------------------------
-def optimizer(model, lr: float, gate_lr: float = 0.0):
-    groups = vtp.param_groups(model, weight_decay=0.05)
-    if gate_lr:
-        for g in groups:
-            g["lr"] = gate_lr if "lr_scale" in g else lr
-    return torch.optim.AdamW(groups, lr=lr)
-
-
 def fine_tune(model, train_data, args, seed: int, teacher=None) -> None:
     distiller = Distiller(teacher, "soft", args.distill_alpha, args.distill_tau) if teacher is not None else None
-    train(model, train_data, args.finetune_epochs, optimizer(model, args.finetune_lr),
+    train(model, train_data, args.finetune_epochs, adamw(model, args.finetune_lr),
           batch_size=args.batch_size, seed=seed, desc="fine-tune", progress=False, distiller=distiller)
 
 
@@ -192,7 +183,7 @@ def run_dataset(name: str, args, work: Work, bar) -> Dict[str, Any]:
     def make_dense():
         torch.manual_seed(0)
         model = builder()
-        train(model, train_data, args.dense_epochs, optimizer(model, args.lr), batch_size=args.batch_size,
+        train(model, train_data, args.dense_epochs, adamw(model, args.lr), batch_size=args.batch_size,
               seed=1, desc=f"{name} dense", progress=False)
         return model, {"test_acc": accuracy(model, test_data)}
 
@@ -205,7 +196,7 @@ def run_dataset(name: str, args, work: Work, bar) -> Dict[str, Any]:
     for seed in args.seeds:
         def make_gated():
             model = vtp.add_gates(copy.deepcopy(dense))
-            train(model, train_data, args.sparse_epochs, optimizer(model, args.lr / 4, args.gate_lr),
+            train(model, train_data, args.sparse_epochs, adamw(model, args.lr / 4, gate_lr=args.gate_lr),
                   lam=args.lam, batch_size=args.batch_size, seed=100 + seed, desc=f"{name} sparse",
                   progress=False)
             return model, {"test_acc": accuracy(model, test_data)}

@@ -94,7 +94,7 @@ def uniform_model(name: str, target_macs: int) -> torch.nn.Module:
     heads = dense.blocks[0].attn.num_heads
     best = None
     for dim in range(heads * 8, dense.embed_dim, heads * 8):
-        candidate = build(name, embed_dim=dim) if name != "smoke" else build(name, embed_dim=dim)
+        candidate = build(name, embed_dim=dim)
         macs = vtp.profile(candidate).macs
         if best is None or abs(macs - target_macs) < abs(best[0] - target_macs):
             best = (macs, dim, candidate)
@@ -113,8 +113,9 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Di
     for rt in round_tos:
         for ratio in ratios:
             plan = vtp.plan(gated, ratio=ratio, round_to=rt)
-            out[f"ratio {ratio:g} round_to {rt}"] = {"model": vtp.prune(gated, plan).eval(), "kind": "pruned",
-                                                     "ratio": ratio, "round_to": rt, "layout": "padded"}
+            out[f"ratio {ratio:g} round_to {rt}"] = {"model": vtp.prune(gated, plan, layout="padded").eval(),
+                                                     "kind": "pruned", "ratio": ratio, "round_to": rt,
+                                                     "layout": "padded"}
         plan = vtp.plan(gated, flops_target=flops_target, round_to=rt)
         key = f"flops {flops_target:g} round_to {rt}"
         out[key] = {"model": vtp.prune(gated, plan, layout="padded").eval(), "kind": "pruned",
@@ -205,6 +206,14 @@ def main(argv=None) -> int:
                       or (k.startswith("flops") and v["layout"] == "padded")}
             models = {k: v["model"] for k, v in chosen.items()}
             if mode == "compile":
+                # Every variant shares timm's forward: one compiled graph each for each batch
+                # size, past dynamo's default of 8 cache entries (beyond which it would run
+                # the rest eagerly and time that).
+                torch._dynamo.reset()
+                limit = 4 * len(models) * len(args.batch_sizes)
+                for name in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(torch._dynamo.config, name):
+                        setattr(torch._dynamo.config, name, limit)
                 models = {k: torch.compile(m) for k, m in models.items()}
             for batch in args.batch_sizes:
                 times = time_group(models, batch, img, args.repeats, args.warmup, args.seed)

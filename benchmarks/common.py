@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence

@@ -102,14 +102,15 @@ def build(name: str):
 
 def randomize(model, seed: int = 0) -> None:
     """Gate values in (0.05, 1.05) with about a tenth exactly zero; the first head of block 0
-    and the MLP hidden features of block 1 all zero."""
+    (every value dim of it: the head goes) and the MLP hidden features of block 1 all zero."""
     g = torch.Generator().manual_seed(seed)
+    head_dim = vtp.plan(model, ratio=0.0).head_dim
     with torch.no_grad():
         for name, gate in vtp.gates(model).items():
             values = torch.rand(gate.shape, generator=g, dtype=torch.float64) + 0.05
             values[torch.rand(gate.shape, generator=g) < 0.1] = 0
             if name.startswith("blocks.0.") and name.endswith("attn_out"):
-                values[: max(1, gate.numel() // 8)] = 0
+                values[:head_dim] = 0
             if name.startswith("blocks.1.") and name.endswith("mlp_hidden"):
                 values.zero_()
             gate.copy_(values)

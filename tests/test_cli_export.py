@@ -36,6 +36,11 @@ def test_export_writes_a_checked_file(pruned_dir, fmt, tmp_path, capsys):
     want = vtp.load(pruned_dir)(x)
     if fmt == "pt2":
         torch.testing.assert_close(torch.export.load(str(out)).module()(x), want, rtol=1e-6, atol=1e-6)
+    else:
+        from vtp.export import onnx_session, run_onnx
+        # ONNX Runtime sums in another order: float32 ulps, far inside 1e-4 of the output scale
+        torch.testing.assert_close(run_onnx(onnx_session(out), x), want, rtol=0,
+                                   atol=1e-4 * max(1.0, float(want.abs().max())))
 
 
 def test_export_bad_input_is_a_clear_error_and_writes_nothing(pruned_dir, tmp_path, capsys):
@@ -109,3 +114,30 @@ def test_a_model_that_could_not_be_saved_stops_before_training(data_dir, tmp_pat
                                 "--model-kwargs", '{"act_layer": "gelu_tanh"}'], TINY_MODEL, FAST))
     assert "the trained model could not be saved" in err and "approximate" in err
     assert not (tmp_path / "s" / "checkpoints").exists()
+
+
+def test_bad_img_size_is_named_before_any_work(pruned_dir, tmp_path, capsys):
+    err = cli_error(capsys, ["export", str(pruned_dir), "--img-size", "36", "-o", str(tmp_path / "m.onnx")])
+    assert "--img-size 36: the model takes only (32, 32) images" in err
+    gated = vtp.add_gates(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY))
+    vtp.save(gated, tmp_path / "gated")
+    err = cli_error(capsys, ["prune", str(tmp_path / "gated"), "--img-size", "36", "-o", str(tmp_path / "p")])
+    assert "--img-size 36: the model takes only (32, 32) images" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_command_takes_a_parallel_block_model(data_dir, tmp_path):
+    """A fused parallel block (one input projection for attention and MLP) through
+    sparse-train, prune and finetune: drop path is set on its one branch slot."""
+    model = ["--model", "vit_base_patch16_xp_224", "--img-size", "32", "--patch-size", "8",
+             "--embed-dim", "32", "--depth", "2", "--num-heads", "2"]
+    dense = tmp_path / "dense.pth"
+    torch.save(timm.create_model("vit_base_patch16_xp_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=32, depth=2, num_heads=2, num_classes=4).state_dict(), dense)
+    train = ["--epochs", "1", "-b", "8", "--save-every", "0", "--drop-path", "0.2"]
+    assert cli.main(flags(["sparse-train", "--data", str(data_dir), "--checkpoint", str(dense),
+                           "-o", str(tmp_path / "s")], model, train, FAST)) == 0
+    assert cli.main(["prune", str(tmp_path / "s"), "--ratio", "0.5", "-o", str(tmp_path / "p")]) == 0
+    assert cli.main(flags(["finetune", str(tmp_path / "p"), "--data", str(data_dir), "-o", str(tmp_path / "f")],
+                          train, FAST)) == 0
+    assert isinstance(vtp.load(tmp_path / "f" / "model").blocks[0], vtp.modules.PrunedParallelBlock)

@@ -171,3 +171,47 @@ def test_run_time_switches_do_not_block_saving(tmp_path):
     vtp.save(VisionTransformer(**BASE, fix_init=True, init_values=0.1), tmp_path / "fix_init")
     x = _x()
     torch.testing.assert_close(vtp.load(tmp_path / "distilled")(x), model.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_save_killed_between_its_renames_leaves_the_old_model(tmp_path, monkeypatch):
+    """Replacing a directory takes two renames; a kill between them leaves the old save under
+    a temporary name, which the next load (or save) puts back."""
+    import vtp.atomic as atomic
+
+    small = _pruned()
+    vtp.save(small, tmp_path / "m", metadata={"n": 1})
+    real_rename = os.rename
+    calls = []
+
+    def rename_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) >= 2:  # dead after the old directory moved aside: nothing runs any more
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        vtp.save(small, tmp_path / "m", metadata={"n": 2})
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    assert not (tmp_path / "m").exists()
+    assert vtp.read_config(tmp_path / "m").metadata == {"n": 1}
+    assert not [p for p in os.listdir(tmp_path) if ".old-" in p]
+
+
+def test_save_refuses_a_directory_of_someone_elses_config(tmp_path):
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(FileExistsError, match="not a vtp model directory"):
+        vtp.save(make_vit(), folder)
+    assert os.listdir(folder) == ["config.json"]
+
+
+def test_weights_file_must_be_the_one_save_wrote(tmp_path):
+    vtp.save(make_vit(), tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["weights"]["file"] = "../elsewhere.safetensors"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="weights.file: expected 'model.safetensors'"):
+        vtp.load(tmp_path / "m")

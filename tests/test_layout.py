@@ -22,3 +22,9 @@ def test_the_checks_catch_what_they_look_for():
     graph = {"vtp.a": {"vtp.b"}, "vtp.b": {"vtp.a"}, "vtp.c": set()}
     assert tool.cycles(graph) == [["vtp.a", "vtp.b", "vtp.a"]]
     assert tool.cycles({"vtp": {"vtp.a"}, "vtp.a": set()}) == []
+    bad = {"vtp": set(), "vtp.io": {"vtp.app.cli"}, "vtp.app": set(), "vtp.app.cli": set(),
+           "vtp_kernels": set(), "vtp_kernels.reference": {"vtp.prune"}, "vtp.prune": set()}
+    found = tool.violations(bad, ["vtp.io.save: from vtp import prune"])
+    assert found == ["library module vtp.io imports the application (vtp.app.cli)",
+                     "kernel module vtp_kernels.reference imports the model library (vtp.prune)",
+                     "import inside a function: vtp.io.save: from vtp import prune"]

@@ -94,8 +94,11 @@ def _within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
-def violations() -> List[str]:
-    graph, inner = import_graph()
+def violations(graph: Dict[str, Set[str]] = None, inner: List[str] = None) -> List[str]:
+    """What breaks the layout's rules in ``graph`` and ``inner`` (default: this checkout's)."""
+    if graph is None:
+        graph, inner = import_graph()
+    inner = inner or []
     out = [f"library module {m} imports the application ({d})"
            for m, deps in sorted(graph.items()) if _within(m, "vtp") and not _within(m, "vtp.app")
            for d in sorted(deps) if _within(d, "vtp.app")]

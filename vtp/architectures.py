@@ -37,7 +37,7 @@ from timm.models.vision_transformer_sam import Block as SamBlock
 from .modules import is_rms_norm
 
 __all__ = ["SITES", "ATTN_SITES", "MLP_SITES", "PARALLEL_SITES", "Branch", "branches",
-           "check_supported", "site_linears", "head_dim", "attention_head_dim", "parse_gate_name", "attention_input_names"]
+           "check_supported", "site_linears", "head_dim", "attention_head_dim", "drop_path_slots", "parse_gate_name", "attention_input_names"]
 
 SITES: Tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
 ATTN_SITES = ("attn_in", "attn_out")
@@ -190,6 +190,15 @@ def head_dim(model: nn.Module) -> int:
         if branch.kind in ("attn", "parallel"):
             return attention_head_dim(branch.module())
     raise TypeError("model: has no attention branch")
+
+
+def drop_path_slots(block: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """The (module, attribute) of every stochastic-depth module of a block: one per residual
+    branch (drop_path1/2), one per parallel branch, or one for a fused parallel block."""
+    if hasattr(block, "attns"):
+        return [(seq, "drop_path") for seq in list(block.attns) + list(block.ffns)]
+    names = [n for n in ("drop_path1", "drop_path2", "drop_path") if hasattr(block, n)]
+    return [(block, n) for n in names]
 
 
 def attention_input_names(attn: nn.Module) -> List[str]:

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Union
 
-__all__ = ["atomic_write", "write_text", "write_json", "replace_directory"]
+__all__ = ["atomic_write", "write_text", "write_json", "replace_directory", "recover_directory"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,12 +69,28 @@ def write_json(path: PathLike, data: Any, indent: int = 1) -> None:
     write_text(path, json.dumps(data, indent=indent))
 
 
+def recover_directory(path: PathLike) -> bool:
+    """Put back the old directory a replacement killed between its two renames left under a
+    temporary name; True when it did."""
+    target = Path(path)
+    if target.exists() or not target.parent.is_dir():
+        return False
+    orphans = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not orphans:
+        return False
+    os.rename(orphans[-1], target)
+    return True
+
+
 def replace_directory(path: PathLike, fill: Callable[[Path], None]) -> Path:
     """Create or replace the directory ``path`` with what ``fill(tmp_dir)`` writes into a
     fresh temporary directory beside it; an interruption leaves the old directory or the new
-    one. Returns ``path`` as a Path."""
+    one (between the two renames a replacement needs, the old one under a temporary name,
+    which ``recover_directory`` puts back: the next replacement and ``vtp.load`` call it).
+    Returns ``path`` as a Path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
     tmp = _temporary_sibling(target, "tmp")
     tmp.mkdir()
     try:

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .atomic import replace_directory, write_json
+from .atomic import recover_directory, replace_directory, write_json
 from .gates import SITES, add_gates, gates
 from .modules import V_LAYOUTS
 from .plan import PruningPlan
@@ -54,6 +54,7 @@ class SavedConfig:
     gated_sites: Tuple[str, ...]
     plan: Optional[PruningPlan]
     fold: bool
+    layout: str
     dtype: str
     metadata: Dict[str, Any] = field(default_factory=dict)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
@@ -84,24 +85,33 @@ def _field(config: dict, key: str, check, expected: str, default=None):
     return value
 
 
-def build_model(config: dict) -> nn.Module:
-    """Rebuild a model (dense, gated or pruned) from a ``config.json`` dict, without weights.
-    A field of the wrong type is a ``ValueError`` naming it."""
-    dtype = _field(config, "dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", "float32")
-    sites = _field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in SITES for s in v),
-                   f"a list of sites among {', '.join(SITES)}", [])
-    fold = _field(config, "fold", lambda v: isinstance(v, bool), "true or false", True)
-    # version 1 and early version 2 files hold packed values
-    layout = _field(config, "layout", lambda v: v in V_LAYOUTS, f"one of {', '.join(V_LAYOUTS)}", "packed")
+def _fields(config: dict) -> Dict[str, Any]:
+    """The fields of config.json besides the architecture, checked: a wrong type is a
+    ``ValueError`` naming the field."""
     plan = config.get("plan")
     if plan is not None and not isinstance(plan, dict):
         raise ValueError(f"config: plan: expected an object or null, got {plan!r}")
+    metadata = _field(config, "metadata", lambda v: isinstance(v, dict), "an object", {})
+    return dict(
+        dtype=_field(config, "dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", "float32"),
+        gated_sites=tuple(_field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in SITES for s in v),
+                                 f"a list of sites among {', '.join(SITES)}", [])),
+        fold=_field(config, "fold", lambda v: isinstance(v, bool), "true or false", True),
+        # version 1 and early version 2 files hold packed values
+        layout=_field(config, "layout", lambda v: v in V_LAYOUTS, f"one of {', '.join(V_LAYOUTS)}", "packed"),
+        plan=PruningPlan.from_dict(plan) if plan is not None else None, metadata=dict(metadata))
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild a model (dense, gated or pruned) from a ``config.json`` dict, without weights.
+    A field of the wrong type is a ``ValueError`` naming it."""
+    fields = _fields(config)
     model = build({"architecture": config.get("architecture"), "model_args": config.get("model_args")})
-    if sites:
-        add_gates(model, sites)
-    if plan is not None:
-        model = prune(model, PruningPlan.from_dict(plan), fold=fold, layout=layout)
-    return model.to(getattr(torch, dtype))
+    if fields["gated_sites"]:
+        add_gates(model, fields["gated_sites"])
+    if fields["plan"] is not None:
+        model = prune(model, fields["plan"], fold=fields["fold"], layout=fields["layout"])
+    return model.to(getattr(torch, fields["dtype"]))
 
 
 def _sha256(path: Path) -> str:
@@ -149,7 +159,7 @@ def save(model: nn.Module, directory: Union[str, os.PathLike], metadata: Optiona
     An existing directory is replaced only if it is empty or holds a previous save.
     """
     target = Path(directory)
-    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_FILE).is_file())):
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or is_model_dir(target))):
         raise FileExistsError(f"directory: {target} exists and is not a vtp model directory; refusing to overwrite")
     if metadata is not None:
         if not isinstance(metadata, dict):
@@ -231,6 +241,7 @@ def _plain_attributes(model: nn.Module) -> dict:
 
 def _read_config_file(path: Path) -> dict:
     config_path = path / CONFIG_FILE
+    recover_directory(path)  # a save killed between its two renames
     if not config_path.is_file():
         raise FileNotFoundError(f"directory: {path} has no {CONFIG_FILE}; not a directory written by vtp.save")
     try:
@@ -253,15 +264,11 @@ def read_config(directory: Union[str, os.PathLike]) -> SavedConfig:
     config = _read_config_file(path)
     config_path = path / CONFIG_FILE
     try:
-        plan = PruningPlan.from_dict(config["plan"]) if config.get("plan") is not None else None
-        model_args, metadata = config["model_args"], config.get("metadata") or {}
-        if not isinstance(model_args, dict) or not isinstance(metadata, dict):
-            raise TypeError("model_args and metadata must be objects")
-        return SavedConfig(
-            directory=path, architecture=str(config.get("architecture")), model_args=dict(model_args),
-            gated_sites=tuple(config.get("gated_sites") or ()), plan=plan,
-            fold=bool(config.get("fold", True)), dtype=str(config.get("dtype", "float32")),
-            metadata=dict(metadata), raw=config)
+        model_args = config["model_args"]
+        if not isinstance(model_args, dict):
+            raise TypeError("config: model_args: expected an object")
+        return SavedConfig(directory=path, architecture=str(config.get("architecture")),
+                           model_args=dict(model_args), raw=config, **_fields(config))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: malformed ({e})") from None
 
@@ -277,7 +284,10 @@ def load(directory: Union[str, os.PathLike], map_location: Union[str, torch.devi
         expected_bytes, expected_sha = int(info["bytes"]), str(info["sha256"])
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{config_path}: missing or malformed 'weights' entry") from None
-    if weights.name != Path(info["file"]).name or not weights.is_file():
+    if info["file"] != WEIGHTS_FILE:
+        # never a path of the config's choosing: it could point out of the directory
+        raise ValueError(f"{config_path}: weights.file: expected {WEIGHTS_FILE!r}, got {info['file']!r}")
+    if not weights.is_file():
         raise FileNotFoundError(f"{weights}: weights file missing")
     if weights.stat().st_size != expected_bytes:
         raise ValueError(f"{weights}: {weights.stat().st_size} bytes, expected {expected_bytes}; "

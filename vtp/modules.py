@@ -149,8 +149,8 @@ class KeptRmsNorm(_KeptNorm):
         if len(shape) != 1:
             raise TypeError(f"norm: expected a 1-D RMS norm, got {norm!r}")
         ref = getattr(norm, "weight", None)
-        eps = norm.eps if norm.eps is not None else torch.finfo(ref.dtype if ref is not None else torch.float32).eps
-        kept = cls(shape[0], index, eps=eps, elementwise_affine=ref is not None,
+        # eps None: torch's default for the input's dtype, as the norm itself would use
+        kept = cls(shape[0], index, eps=norm.eps, elementwise_affine=ref is not None,
                    device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
         kept._copy_affine(norm)
         return kept
@@ -375,7 +375,7 @@ class PrunedAttention(_NotScriptable, nn.Module):
         first ``v_widths[h]`` of head ``h``'s ``head_dim`` rows)."""
         if self.v_layout == "packed":
             return torch.arange(self.v_dim)
-        return torch.tensor([h * self.head_dim + j for h, w in enumerate(self.v_widths) for j in range(w)])
+        return vtp_kernels.reference.padded_value_columns(self.v_widths, self.head_dim, torch.device("cpu"))
 
     def extra_repr(self) -> str:
         rope = f", rope after {self.rope_prefix_tokens} tokens" if self.rope_prefix_tokens is not None else ""
@@ -396,7 +396,8 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
                  in_norm: nn.Module, in_proj_bias: bool, mlp_bias: bool, proj_bias: bool,
                  q_norm: Optional[nn.Module], k_norm: Optional[nn.Module], mlp_act: nn.Module,
                  mlp_drop: float, ls: nn.Module, drop_path: nn.Module, scale: float,
-                 v_layout: str = "packed", device=None, dtype=None):
+                 v_layout: str = "packed", kept_heads: Optional[Sequence[int]] = None,
+                 dense_heads: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         if v_layout not in V_LAYOUTS:
             raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
@@ -409,11 +410,15 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
         self.v_dim = sum(self.v_widths)
         self.mlp_hidden = mlp_hidden
         self.scale = scale
+        kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
+        self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
+        self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
+                             persistent=False)
         self.in_split = [mlp_hidden, self.qk_dim, self.qk_dim,
                          self.qk_dim if v_layout == "padded" else self.v_dim]
         self.in_norm = in_norm
         self.in_proj = nn.Linear(in_features, sum(self.in_split), bias=in_proj_bias, **dd)
-        self.mlp_bias = nn.Parameter(torch.zeros(mlp_hidden, **dd)) if mlp_bias else None
+        self.mlp_bias = nn.Parameter(torch.zeros(mlp_hidden, **dd)) if mlp_bias and mlp_hidden else None
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.mlp_act = mlp_act
@@ -438,7 +443,8 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
         if self.attn_out_proj is not None:
             q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
             k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
-            out = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=attn_mask,
+            mask = _additive(_select_heads(attn_mask, self.kept_heads, self.dense_heads), q.dtype)
+            out = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=mask,
                                                v_padded=self.v_layout == "padded")
             y = y + self.attn_out_proj(out)
         if y.dim() == 1:  # every part constant: a layer scale may work in place

@@ -8,12 +8,10 @@ by hand.
 from __future__ import annotations
 
 import json
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import torch
 import torch.nn as nn
 
 from .architectures import SITES, head_dim as model_head_dim, parse_gate_name

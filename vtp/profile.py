@@ -23,7 +23,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 from .architectures import ATTENTIONS, attention_head_dim
 from .modules import PrunedAttention, PrunedParallelBlock
 
-__all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_size"]
+__all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_size", "check_img_size"]
 
 @dataclass(frozen=True)
 class Profile:
@@ -88,6 +88,21 @@ def default_img_size(model: nn.Module) -> Tuple[int, int]:
     return _pair(size)
 
 
+def check_img_size(model: nn.Module, size: Tuple[int, int]) -> None:
+    """A ``ValueError`` naming ``img_size`` when ``model`` cannot take images of ``size``."""
+    embed = _embed(model)
+    if min(size) <= 0:
+        raise ValueError(f"img_size: expected positive sizes, got {size}")
+    if getattr(embed, "strict_img_size", False) and tuple(size) != _pair(embed.img_size):
+        raise ValueError(f"img_size: the model takes only {tuple(embed.img_size)} images (no dynamic_img_size), "
+                         f"got {tuple(size)}")
+    patch = _pair(embed.patch_size)
+    stride = (_pair(embed.img_size)[0] // embed.grid_size[0], _pair(embed.img_size)[1] // embed.grid_size[1]) \
+        if getattr(embed, "grid_size", None) is not None and getattr(embed, "img_size", None) is not None else patch
+    if not getattr(embed, "dynamic_img_pad", False) and (size[0] % stride[0] or size[1] % stride[1]):
+        raise ValueError(f"img_size: {tuple(size)} is not a multiple of the patch size {stride} (no dynamic_img_pad)")
+
+
 def _embed(model: nn.Module) -> nn.Module:
     embed = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
     if embed is None:
@@ -110,16 +125,8 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     Gates count as parameters (they are trained); the pruned model has none.
     ``img_size`` defaults to the size the model was built for.
     """
-    embed = _embed(model)
     size = _pair(img_size) if img_size is not None else default_img_size(model)
-    if min(size) <= 0:
-        raise ValueError(f"img_size: expected positive sizes, got {img_size}")
-    if getattr(embed, "strict_img_size", False) and size != _pair(embed.img_size):
-        raise ValueError(f"img_size: the model takes only {tuple(embed.img_size)} images (no dynamic_img_size), "
-                         f"got {size}")
-    patch = _pair(embed.patch_size)
-    if not getattr(embed, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
-        raise ValueError(f"img_size: {size} is not a multiple of the patch size {patch} (no dynamic_img_pad)")
+    check_img_size(model, size)
     params = sum(p.numel() for p in model.parameters())
     total = [0]
     zeros = {"linear": 0, "attention": 0}  # work on zeros a layout adds: executed, not kept

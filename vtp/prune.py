@@ -191,7 +191,7 @@ def _make_constant(branch: Branch, value: torch.Tensor) -> None:
 
 def _prune_mlp(branch: Branch, gates: Dict[str, Gate], layout: str) -> None:
     mlp = branch.module()
-    (kept_in, g_in), (kept_hidden, g_hidden) = gates["mlp_in"], gates["mlp_hidden"]
+    (kept_in, _), (kept_hidden, g_hidden) = gates["mlp_in"], gates["mlp_hidden"]
     fc2 = mlp.fc2
     if kept_in.numel() == 0 or kept_hidden.numel() == 0:
         # fc1 sees zeros (or fc2 keeps no hidden feature): the output is fixed by the biases.
@@ -295,6 +295,14 @@ def _constant_attention(parts: _AttentionParts, g_in: torch.Tensor, g_out: torch
     return F.linear(out * g_out, w, parts.proj.bias)
 
 
+def _live_heads(kept_values: torch.Tensor, heads: int, head_dim: int):
+    """The heads with a kept value dim, their kept widths, and the Q (or K) rows they keep."""
+    counts = torch.bincount(kept_values // head_dim, minlength=heads).tolist()
+    live = [h for h in range(heads) if counts[h] > 0]
+    rows = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
+    return live, [counts[h] for h in live], rows
+
+
 def _laid_out(module: nn.Module, packed: torch.Tensor) -> torch.Tensor:
     """Rows of the packed value dims as ``module``'s V layout holds them (padded: at their
     place in their head's ``head_dim`` rows, zero rows between)."""
@@ -327,13 +335,12 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> Non
     output_norm = not isinstance(parts.norm, nn.Identity)
     if output_norm:
         # The norm over the attention output needs every value dim for its statistics.
-        live, widths, v_rows = list(range(parts.heads)), [head_dim] * parts.heads, torch.arange(dim)
+        v_rows = torch.arange(dim)
+        live, widths, qk_rows = _live_heads(v_rows, parts.heads, head_dim)
         norm = kept_norm(parts.norm, kept_out) if kept_out.numel() < dim else parts.norm
     else:
-        counts = torch.bincount(kept_out // head_dim, minlength=parts.heads).tolist()
-        live = [h for h in range(parts.heads) if counts[h] > 0]
-        widths, v_rows, norm = [counts[h] for h in live], kept_out, None
-    qk_rows = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
+        v_rows, norm = kept_out, None
+        live, widths, qk_rows = _live_heads(kept_out, parts.heads, head_dim)
     device = parts.proj.weight.device
     q_rows, v_rows = qk_rows.to(device), v_rows.to(device)
     new = PrunedAttention(
@@ -377,18 +384,16 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.M
     device = w.device
     if kept_in.numel() == 0:
         kept_out = kept_hidden = kept_in  # the input feeds nothing: every part is its bias
-    counts = torch.bincount(kept_out // head_dim, minlength=heads).tolist()
-    live = [h for h in range(heads) if counts[h] > 0]
-    qk = torch.tensor([h * head_dim + j for h in live for j in range(head_dim)], dtype=torch.long)
+    live, widths, qk = _live_heads(kept_out, heads, head_dim)
     width = w.shape[1]
     narrowed = 0 < kept_in.numel() < width
     new = PrunedParallelBlock(
         block.attn_out_proj.out_features, kept_in.numel() if narrowed else width, head_dim,
-        [counts[h] for h in live], kept_hidden.numel(),
+        widths, kept_hidden.numel(),
         kept_norm(block.in_norm, kept_in) if narrowed else block.in_norm, b is not None,
         block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, block.k_norm,
         block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale, v_layout=layout,
-        device=device, dtype=w.dtype)
+        kept_heads=live, dense_heads=heads, device=device, dtype=w.dtype)
 
     def rows_of(t: torch.Tensor) -> torch.Tensor:
         parts = (kept_hidden, hidden + qk, hidden + dim + qk)
@@ -397,7 +402,7 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.M
     new.in_proj.weight.copy_(_scaled_columns(rows_of(w), gates["attn_in"]) if narrowed else rows_of(w) * g_in)
     if b is not None:
         new.in_proj.bias.copy_(rows_of(b))
-    if block.mlp_bias is not None:
+    if new.mlp_bias is not None:
         new.mlp_bias.copy_(block.mlp_bias[kept_hidden.to(device)])
     constant = torch.zeros_like(new.constant)
     if kept_in.numel() == 0:

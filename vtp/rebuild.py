@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-from .architectures import branches
+from .architectures import branches, drop_path_slots
 from .profile import default_img_size, input_channels
 
 __all__ = ["describe", "build", "read_drop_path_rate", "CLASSES"]
@@ -95,15 +95,10 @@ def _qkv_bias(model) -> Optional[bool]:
 
 
 def read_drop_path_rate(model) -> float:
-    last = list(model.blocks)[-1]
-    for name in ("drop_path1", "drop_path"):
-        if hasattr(last, name):
-            m = getattr(last, name)
-            return float(m.drop_prob) if isinstance(m, DropPath) else 0.0
-    if hasattr(last, "attns"):
-        m = last.attns[0].drop_path
-        return float(m.drop_prob) if isinstance(m, DropPath) else 0.0
-    return 0.0
+    """The stochastic-depth rate of the last block (timm's rates rise to it over the blocks)."""
+    slots = drop_path_slots(list(model.blocks)[-1])
+    m = getattr(*slots[0]) if slots else None
+    return float(m.drop_prob) if isinstance(m, DropPath) else 0.0
 
 
 def _size(value) -> Any:

@@ -60,8 +60,7 @@ def packed_attention(
     to packed first."""
     if attn_bias is None and use_triton("packed_attention", q):
         if v_padded:
-            D = q.shape[-1]
-            cols = [h * D + j for h, w in enumerate(v_widths) for j in range(int(w))]
-            v = v[..., torch.tensor(cols, dtype=torch.long, device=v.device)]
+            cols = reference.padded_value_columns(tuple(int(w) for w in v_widths), q.shape[-1], v.device)
+            v = v.index_select(-1, cols)
         return packed_attention_triton(q, k, v, v_widths, scale)
     return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded)

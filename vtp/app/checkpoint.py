@@ -25,10 +25,10 @@ __all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkp
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "vtp-train-checkpoint"
 
-# The settings that change the trajectory; a resume with other values is not the same run.
-_TRAJECTORY_KEYS = ("epochs", "batch_size", "accum_steps", "lr", "lr_base_batch", "min_lr",
-                    "warmup_epochs", "lam", "seed", "aug_repeats", "weight_decay", "gate_lr_scale",
-                    "distill", "distill_alpha", "distill_tau", "teacher")
+# The settings that only say how a run is carried out; every other one changes the
+# trajectory, and a resume with another value is not the same run.
+_RUN_TIME_KEYS = ("stage", "workers", "save_every", "stop_after_steps", "log_every", "compile",
+                  "progress", "eval_batch_size")
 
 
 def checkpoint_path(out_dir: str) -> str:
@@ -69,8 +69,8 @@ def _check_resume(ckpt: Dict[str, Any], stage: str, train_config: Dict[str, Any]
         raise VTPError(f"the checkpoint to resume from belongs to stage '{ckpt.get('stage')}', "
                        f"not '{stage}'")
     old = ckpt.get("train_config", {})
-    changed = [f"{k}: {old.get(k)} -> {train_config[k]}" for k in _TRAJECTORY_KEYS
-               if k in old and old[k] != train_config[k]]
+    changed = [f"{k}: {old.get(k)} -> {train_config[k]}" for k in train_config
+               if k not in _RUN_TIME_KEYS and k in old and old[k] != train_config[k]]
     if changed:
         say("warning: resuming with changed settings (" + "; ".join(changed) + ")")
     if ckpt.get("world_size") != info.world_size:

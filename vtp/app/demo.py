@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from .report import plot_gate_hist, plot_kept
 from .tables import format_table
 from .train import TrainConfig, train_step
 
-__all__ = ["add_arguments", "run", "build_demo_model"]
+__all__ = ["add_arguments", "run", "build_demo_model", "adamw", "train", "accuracy"]
 
 CPU = DistInfo()
 
@@ -85,6 +85,15 @@ def _shuffled_batches(data, epochs: int, batch_size: int,
         for start in range(0, len(labels), batch_size):
             idx = order[start: start + batch_size]
             yield images[idx], labels[idx]
+
+
+def adamw(model: nn.Module, lr: float, gate_lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """AdamW over ``vtp.param_groups`` (weight decay 0.05 on weight matrices); the gates, if
+    any, at ``gate_lr`` (default: ``lr``)."""
+    groups = param_groups(model, weight_decay=0.05)
+    for g in groups:
+        g["lr"] = gate_lr if gate_lr is not None and "lr_scale" in g else lr
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def train(model: nn.Module, data, epochs: int, optimizer: torch.optim.Optimizer, *, lam: float = 0.0,
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     model = build_demo_model()
 
     # 1. dense training
-    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=args.lr)
+    opt = adamw(model, args.lr)
     train(model, train_data, args.dense_epochs, opt, batch_size=args.batch_size, seed=args.seed + 1,
           desc="1/3 dense training", progress=progress)
     dense_acc = accuracy(model, test_data)
@@ -183,10 +192,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # 2. sparse training: gates on all four sites, L1 penalty
     add_gates(model)
-    groups = param_groups(model, weight_decay=0.05)
-    for g in groups:
-        g["lr"] = args.gate_lr if "lr_scale" in g else args.lr / 4
-    opt = torch.optim.AdamW(groups, lr=args.lr / 4)
+    opt = adamw(model, args.lr / 4, gate_lr=args.gate_lr)
     train(model, train_data, args.sparse_epochs, opt, lam=args.lam, batch_size=args.batch_size,
           seed=args.seed + 2, desc="2/3 sparse training", progress=progress)
     sparse_acc = accuracy(model, test_data)
@@ -200,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     gate_snapshot = {name: g.detach().float().tolist() for name, g in gates(model).items()}
     small = prune(model, pruning_plan)
     pruned_acc_before = accuracy(small, test_data)
-    opt = torch.optim.AdamW(param_groups(small, weight_decay=0.05), lr=args.finetune_lr)
+    opt = adamw(small, args.finetune_lr)
     distiller = Distiller(dense, "soft", args.distill_alpha, args.distill_tau) if args.distill else None
     train(small, train_data, args.finetune_epochs, opt, batch_size=args.batch_size, seed=args.seed + 3,
           desc="3/3 fine-tuning" + (" (distilled)" if distiller else ""), progress=progress,

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import yaml
 
 from vtp.atomic import atomic_write
+from vtp.modules import V_LAYOUTS
+from vtp.prune import DEFAULT_V_LAYOUT
 
 from .errors import VTPError
 
@@ -300,6 +302,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
                             "values into the weights")
     group.add_argument("--plan", metavar="JSON", default=None,
                        help="apply this plan.json instead of computing one")
+    group.add_argument("--layout", default=DEFAULT_V_LAYOUT, choices=V_LAYOUTS,
+                       help="how pruned attention holds its values: padded (zero rows up to the "
+                            "head width, so attention's fused kernels take them as they are) or "
+                            "packed (kept values only)")
 
 
 def add_distill_args(parser: argparse.ArgumentParser, run: bool = False) -> None:

@@ -13,7 +13,9 @@ from timm.layers import DropPath
 from timm.models import load_state_dict as timm_load_state_dict
 
 import vtp
+from vtp.architectures import drop_path_slots
 from vtp.io import read_config
+from vtp.rebuild import read_drop_path_rate
 
 from .errors import VTPError
 
@@ -146,10 +148,9 @@ def set_drop_path(model: nn.Module, rate: float) -> float:
     """Stochastic depth rising linearly to `rate` over the blocks, as timm builds it;
     returns the rate the model had."""
     blocks = list(model.blocks)
-    old = getattr(blocks[-1].drop_path1, "drop_prob", 0.0) if blocks else 0.0
+    old = read_drop_path_rate(model)
     rates = torch.linspace(0, rate, len(blocks)).tolist() if blocks else []
     for block, r in zip(blocks, rates):
-        for name in ("drop_path1", "drop_path2"):
-            if hasattr(block, name):
-                setattr(block, name, DropPath(r) if r > 0 else nn.Identity())
-    return float(old)
+        for parent, name in drop_path_slots(block):
+            setattr(parent, name, DropPath(r) if r > 0 else nn.Identity())
+    return old

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import tempfile
 from typing import Any, Dict, Optional
@@ -23,7 +24,7 @@ import vtp_kernels
 from vtp.atomic import write_json
 from vtp.export import OnnxRuntimeModel
 from vtp.io import check_saveable, is_model_dir, read_config
-from vtp.profile import default_img_size, input_channels
+from vtp.profile import check_img_size, default_img_size, input_channels
 
 from . import data, distributed, models, train
 from .checkpoint import checkpoint_path
@@ -245,6 +246,13 @@ def finetune_teacher(args: argparse.Namespace, source: str) -> Optional[TeacherS
 # Settings, data and models of a stage
 
 
+# What shapes the training images: recorded with the run, so that resuming with other
+# values is pointed out.
+AUGMENTATION_FLAGS = ("no_aug", "aa", "color_jitter", "reprob", "remode", "recount", "mixup", "cutmix",
+                      "mixup_prob", "mixup_switch_prob", "mixup_mode", "interpolation", "crop_pct",
+                      "drop_path")
+
+
 def train_config(args: argparse.Namespace, stage: str, prefix: str = "") -> train.TrainConfig:
     """TrainConfig of a stage from flags; `prefix` picks the per-stage flags of `vtp run`."""
     def stage_value(name: str):
@@ -265,7 +273,8 @@ def train_config(args: argparse.Namespace, stage: str, prefix: str = "") -> trai
         progress=args.progress, eval_batch_size=args.eval_batch_size,
         distill=args.distill_type if distill else "none",
         distill_alpha=args.distill_alpha if distill else 0.0,
-        distill_tau=args.distill_tau if distill else 1.0)
+        distill_tau=args.distill_tau if distill else 1.0,
+        augmentation={k: getattr(args, k) for k in AUGMENTATION_FLAGS if hasattr(args, k)})
 
 
 def _data_settings(model, metadata: Dict[str, Any]) -> Dict[str, Any]:
@@ -412,6 +421,16 @@ def _starting_point(args) -> str:
     return "from random weights"
 
 
+def _img_size(args, model):
+    """--img-size (default: the model's), once the model is known to take it."""
+    size = (args.img_size,) * 2 if args.img_size else default_img_size(model)
+    try:
+        check_img_size(model, size)
+    except ValueError as e:
+        raise VTPError(f"--img-size {args.img_size}: {str(e).removeprefix('img_size: ')}") from None
+    return size
+
+
 def _check_saveable(args, model) -> None:
     """A model vtp.save would refuse stops the stage before training, not after."""
     try:
@@ -482,7 +501,7 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
     if not vtp.gates(model):
         raise VTPError(f"{source}: the model has no gates; prune a sparse-trained model")
     model.to(ctx.info.device)
-    img_size = (args.img_size,) * 2 if args.img_size else default_img_size(model)
+    img_size = _img_size(args, model)
     try:
         if args.plan:
             plan = vtp.PruningPlan.load(args.plan)
@@ -490,13 +509,14 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
             ratio = None if args.flops_target is not None else args.ratio
             plan = vtp.plan(model, ratio, scope=args.scope, flops_target=args.flops_target,
                             round_to=args.round_to, min_keep=args.min_keep, img_size=img_size)
-        pruned = vtp.prune(model, plan, fold=not args.no_fold)
+        pruned = vtp.prune(model, plan, fold=not args.no_fold, layout=args.layout)
     except (TypeError, ValueError) as e:
         raise VTPError(f"cannot prune {source}: {e}") from None
     before, after = vtp.profile(model, img_size), vtp.profile(pruned, img_size)
     summary = {
         "source": os.path.abspath(source), "ratio": args.ratio, "scope": args.scope,
         "flops_target": args.flops_target, "round_to": args.round_to, "fold": not args.no_fold,
+        "layout": args.layout,
         "pruned_ratio": plan.pruned_ratio, "kept": plan.num_kept, "total": plan.total,
         "params_before": before.params, "params_after": after.params,
         "macs_before": before.macs, "macs_after": after.macs, "img_size": list(img_size),
@@ -581,10 +601,8 @@ def check_runtime(args: argparse.Namespace) -> None:
     args.device = "cpu"
     if args.amp:
         raise VTPError("--runtime onnxruntime: runs the float32 export; drop --amp")
-    try:
-        import onnxruntime  # noqa: F401  (only whether it is installed)
-    except ImportError:
-        raise VTPError("--runtime onnxruntime: ONNX Runtime is not installed: pip install 'vtp[export]'") from None
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise VTPError("--runtime onnxruntime: ONNX Runtime is not installed: pip install 'vtp[export]'")
 
 
 def check_export_args(args: argparse.Namespace) -> None:
@@ -602,7 +620,7 @@ def check_export_args(args: argparse.Namespace) -> None:
 
 def stage_export(args, model, metadata: Dict[str, Any], source: str, say) -> Dict[str, Any]:
     """The model in SOURCE as one ONNX or torch.export file, checked against the model."""
-    img_size = (args.img_size,) * 2 if args.img_size else default_img_size(model)
+    img_size = _img_size(args, model)
     try:
         check = vtp.export(model, args.output, format=args.format, img_size=img_size,
                            batch_size=args.batch_size, opset=args.opset)

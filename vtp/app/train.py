@@ -14,7 +14,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -71,6 +71,7 @@ class TrainConfig:
     distill_alpha: float = 0.0
     distill_tau: float = 1.0
     teacher: Optional[str] = None  # where the teacher came from, for the records and resume
+    augmentation: Dict[str, Any] = field(default_factory=dict)  # the data's settings, for resume
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.accum_steps * world_size
