@@ -162,23 +162,38 @@ def plot(record: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["model"], r["mode"], r["batch"]) for r in record["results"]})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
-    for ax, (model, mode, batch) in zip(axes[0], groups):
-        rows = [r for r in record["results"] if (r["model"], r["mode"], r["batch"]) == (model, mode, batch)]
-        top = max(max(r["mac_ratio"], r["speedup"]) for r in rows) * 1.1
-        ax.plot([1, top], [1, top], "k:", linewidth=1, label="speed-up = MAC ratio")
-        for kind, marker in (("pruned", "o"), ("uniform", "s"), ("dense", "^")):
-            sel = [r for r in rows if r["kind"] == kind]
-            ax.scatter([r["mac_ratio"] for r in sel], [r["speedup"] for r in sel], marker=marker, label=kind)
-        ax.set_title(f"{model.split('_patch')[0]} {mode} batch {batch}", fontsize=9)
-        ax.set_xlabel("MAC ratio (dense / kept)")
-        ax.set_ylabel("speed-up (dense / model, median)")
-        ax.legend(fontsize=7)
+    models = sorted({r["model"] for r in record["results"]})
+    columns = sorted({(r["mode"], r["batch"]) for r in record["results"]}, key=lambda c: (c[0] != "eager", c[1]))
+    fig, axes = plt.subplots(len(models), len(columns), figsize=(3.8 * len(columns), 3.6 * len(models)),
+                             squeeze=False)
+    for row, model in enumerate(models):
+        for col, (mode, batch) in enumerate(columns):
+            _panel(axes[row][col], [r for r in record["results"]
+                                    if (r["model"], r["mode"], r["batch"]) == (model, mode, batch)],
+                   f"{model.split('_patch')[0]} {mode} batch {batch}")
     fig.suptitle(f"CPU: {record['cpu']}, {record['threads']} threads", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def _panel(ax, rows, title: str) -> None:
+    if not rows:
+        ax.set_axis_off()
+        return
+    top = max(max(r["mac_ratio"], r["speedup"]) for r in rows) * 1.1
+    ax.plot([1, top], [1, top], "k:", linewidth=1, label="speed-up = MAC ratio")
+    ax.plot([1, top], [0.95, 0.95 * top], color="grey", linewidth=0.6, label="0.95 x MAC ratio")
+    for kind, layout, marker in (("pruned", "padded", "o"), ("pruned", "packed", "x"), ("pruned", "heads", "+"),
+                                 ("uniform", None, "s"), ("dense", None, "^")):
+        sel = [r for r in rows if r["kind"] == kind and r.get("layout") == layout]
+        if sel:
+            label = f"pruned, {layout}" if kind == "pruned" else kind
+            ax.scatter([r["mac_ratio"] for r in sel], [r["speedup"] for r in sel], marker=marker, label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("MAC ratio (dense / kept)")
+    ax.set_ylabel("speed-up (dense / model, median)")
+    ax.legend(fontsize=6)
 
 
 def main(argv=None) -> int:
@@ -211,9 +226,9 @@ def main(argv=None) -> int:
                 # the rest eagerly and time that).
                 torch._dynamo.reset()
                 limit = 4 * len(models) * len(args.batch_sizes)
-                for name in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(torch._dynamo.config, name):
-                        setattr(torch._dynamo.config, name, limit)
+                for setting in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(torch._dynamo.config, setting):
+                        setattr(torch._dynamo.config, setting, limit)
                 models = {k: torch.compile(m) for k, m in models.items()}
             for batch in args.batch_sizes:
                 times = time_group(models, batch, img, args.repeats, args.warmup, args.seed)

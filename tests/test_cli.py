@@ -26,7 +26,7 @@ def full_run(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("run")
     config = root / "settings.yaml"
     config.write_text(yaml.safe_dump({"sparse-epochs": 1, "finetune_epochs": 3, "ratio": 0.25,
-                                      "bench_steps": 2, "bench-batch-size": 4}))
+                                      "round-to": 1, "bench_steps": 2, "bench-batch-size": 4}))
     out = root / "run"
     dense = tiny_dense_checkpoint(root / "dense.pth")
     argv = flags(["run", "--config", str(config), "--data", str(data_dir), "--output", str(out),

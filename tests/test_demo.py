@@ -10,7 +10,8 @@ from vtp.app import demo
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     results = demo.main(["--out", str(tmp_path), "--dense-epochs", "1", "--sparse-epochs", "1",
-                         "--finetune-epochs", "1", "--no-progress", "--threads", "1", "--ratio", "0.4"])
+                         "--finetune-epochs", "1", "--no-progress", "--threads", "1", "--ratio", "0.4",
+                         "--round-to", "1"])
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["pruned"]["macs"] == results["pruned"]["macs"] < results["dense"]["macs"]
     assert abs(written["plan"]["pruned_share"] - 0.4) < 1e-3

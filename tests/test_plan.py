@@ -21,7 +21,7 @@ def _scores(model):
 
 
 def test_global_ratio_removes_the_lowest_scores(model):
-    plan = vtp.plan(model, ratio=0.4)
+    plan = vtp.plan(model, ratio=0.4, round_to=1)  # the paper's rule, counts unrounded
     total = sum(g.numel() for g in vtp.gates(model).values())
     assert plan.total == total and total - plan.num_kept == math.floor(0.4 * total)
     scores = _scores(model)
@@ -33,7 +33,7 @@ def test_global_ratio_removes_the_lowest_scores(model):
 
 
 def test_layer_scope_removes_the_same_share_everywhere(model):
-    plan = vtp.plan(model, ratio=0.25, scope="layer")
+    plan = vtp.plan(model, ratio=0.25, scope="layer", round_to=1)
     scores = _scores(model)
     for name, size in plan.sizes.items():
         assert len(plan.kept[name]) == size - math.floor(0.25 * size)
@@ -62,7 +62,7 @@ def test_round_to_and_min_keep(model):
 
 def test_flops_target_fits_budget_with_fewest_removals(model):
     dense = vtp.profile(model).macs
-    plan = vtp.plan(model, flops_target=0.5)
+    plan = vtp.plan(model, flops_target=0.5, round_to=1)  # one more dim is then one more dim
     macs = plan_macs(model, plan.kept, plan.head_dim)
     assert macs <= 0.5 * dense and plan.rule["macs"] == macs
     assert vtp.profile(vtp.prune(model, plan)).macs == macs
@@ -144,8 +144,9 @@ def test_custom_scores_rank_like_gates(model):
     found = vtp.gates(model)
     same = vtp.plan(model, ratio=0.4, scores={n: g.detach().abs() for n, g in found.items()})
     assert same.kept == vtp.plan(model, ratio=0.4).kept
-    flipped = vtp.plan(model, ratio=0.5, scope="layer", scores={n: -g.detach().abs() for n, g in found.items()})
-    reference = vtp.plan(model, ratio=0.5, scope="layer")
+    flipped = vtp.plan(model, ratio=0.5, scope="layer", round_to=1,
+                       scores={n: -g.detach().abs() for n, g in found.items()})
+    reference = vtp.plan(model, ratio=0.5, scope="layer", round_to=1)
     for name, kept in reference.kept.items():
         assert not set(kept) & set(flipped.kept[name])
     with pytest.raises(ValueError, match="scores: expected one tensor per gate"):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from vtp import add_gates, gates, l1_penalty, param_groups, plan, profile, prune, save
 from vtp.atomic import write_json
+from vtp.planner import DEFAULT_ROUND_TO
 
 from .data import eval_loader
 from .distill import Distiller
@@ -61,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="weight of the distillation term in [0, 1]")
     parser.add_argument("--distill-tau", type=float, default=1.0, help="distillation temperature (> 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    parser.add_argument("--round-to", type=int, default=1, help="round kept counts up to a multiple of this")
+    parser.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
+                        help="round kept counts up to a multiple of this")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
     # One thread trains these batches of 32 tiny images fastest: more threads mostly wait on
     # each other, and lose badly when another job holds a core.

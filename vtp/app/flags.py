@@ -19,6 +19,7 @@ import yaml
 
 from vtp.atomic import atomic_write
 from vtp.modules import V_LAYOUTS
+from vtp.planner import DEFAULT_ROUND_TO
 from vtp.prune import DEFAULT_V_LAYOUT
 
 from .errors import VTPError
@@ -292,8 +293,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flops-target", type=_share, default=None,
                        help="prune until the model's MACs are this fraction of the dense "
                             "model's (e.g. 0.6) instead of using --ratio (global scope only)")
-    group.add_argument("--round-to", type=positive_int, default=1,
-                       help="round kept counts up to a multiple of this (8 feeds tensor cores)")
+    group.add_argument("--round-to", type=positive_int, default=DEFAULT_ROUND_TO,
+                       help="round kept counts up to a multiple of this: widths the GEMMs run "
+                            "fast with (see the README's CPU figures); 1 keeps the paper's exact counts")
     group.add_argument("--min-keep", type=_non_negative_int, default=0,
                        help="keep at least this many dimensions per gate (0 lets heads, "
                             "branches and blocks go)")
