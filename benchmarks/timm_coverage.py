@@ -90,14 +90,17 @@ def build(name: str):
         model = timm.create_model(name, pretrained=False, img_size=size, **depth)
     except (TypeError, AssertionError):
         model, size = probe, vtp.profile(probe).img_size[0]
-    model = model.double().eval()
-    # Random everywhere: a zero-initialised head or a layer scale of 1e-5 would hide a
-    # pruning error behind outputs that barely depend on the blocks.
-    g = torch.Generator().manual_seed(2)
+    return perturb(model.double().eval()), size
+
+
+def perturb(model, seed: int = 2):
+    """Random noise on every parameter: a zero-initialised head or a layer scale of 1e-5 would
+    hide a pruning error behind outputs that barely depend on the blocks."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
-    return model, size
+    return model
 
 
 def randomize(model, seed: int = 0) -> None:

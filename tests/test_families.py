@@ -7,6 +7,8 @@ parameter gets random noise, so that zero-initialised heads or layer scales of 1
 hide a difference behind outputs that barely depend on the blocks.
 """
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,6 +16,12 @@ import torch
 
 import vtp
 from vit_variants import masked_copy_gates
+
+# The zoo survey's own perturbation and gates (a dead head, a dead MLP): one definition.
+_SPEC = importlib.util.spec_from_file_location(
+    "timm_coverage", Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py")
+coverage = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(coverage)
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, num_classes=5)
 
@@ -45,28 +53,7 @@ FAMILIES = {
 
 def build(arch, overrides, stride):
     model = timm.create_model(arch, pretrained=False, img_size=4 * stride, **{**SMALL, **overrides})
-    model = model.double().eval()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
-    return model, 4 * stride
-
-
-def random_gates_with_zeros(model, seed=0):
-    """Values in (0.05, 1.05), a tenth of them zero; block 0 loses its first head's values,
-    block 1 its MLP's hidden features (a constant branch)."""
-    g = torch.Generator().manual_seed(seed)
-    head_dim = vtp.plan(model, ratio=0.0).head_dim
-    with torch.no_grad():
-        for name, gate in vtp.gates(model).items():
-            values = torch.rand(gate.shape, generator=g, dtype=torch.float64) + 0.05
-            values[torch.rand(gate.shape, generator=g) < 0.1] = 0
-            if name.startswith("blocks.0.") and name.endswith("attn_out"):
-                values[:head_dim] = 0
-            if name.startswith("blocks.1.") and name.endswith("mlp_hidden"):
-                values.zero_()
-            gate.copy_(values)
+    return coverage.perturb(model.double().eval()), 4 * stride
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -78,7 +65,7 @@ def test_family_prunes_exactly_and_round_trips(family, tmp_path):
     vtp.add_gates(model)
     # gates at 1: the gated model is the dense one
     torch.testing.assert_close(model(x), dense_out, rtol=1e-12, atol=1e-12)
-    random_gates_with_zeros(model)
+    coverage.randomize(model)
     plan = vtp.plan(model, ratio=0.5)
     for fold in (True, False):
         small = vtp.prune(model, plan, fold=fold)
