@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"before fine-tuning the pruned model scored {100 * pruned_acc_before:.2f} %; "
           f"MACs x{dense_profile.macs / pruned_profile.macs:.2f} fewer, "
           f"CPU speed-up x{pruned_speed['images_per_s'] / dense_speed['images_per_s']:.2f} "
-          f"(batch 256, {torch.get_num_threads()} threads)")
+          f"(batch 256, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})")
     print(f"wrote {out}/: dense/, pruned/ (vtp.load), plan.json, results.json, kept_dims.png, gate_hist.png "
           f"in {results['seconds']:.0f} s")
     return results
