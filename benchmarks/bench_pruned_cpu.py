@@ -18,6 +18,12 @@ kept dimensions (``vtp.profile``), so padded work counts as work, not as savings
     python benchmarks/bench_pruned_cpu.py                       # the record (about an hour)
     python benchmarks/bench_pruned_cpu.py --models deit_small_patch16_224 --modes eager
     python benchmarks/bench_pruned_cpu.py --smoke --out /tmp    # seconds: checks the script
+    python benchmarks/bench_pruned_cpu.py --profile --models deit_small_patch16_224 \
+        --batch-sizes 8 --round-to 8                            # where the time goes, by operator
+
+``--profile`` times the same models, then runs each under ``torch.profiler`` one forward per
+round, in turns, and records each operator's self time per forward (median over the rounds)
+in ``pruned_cpu_profile.json``: eager only, the dense, uniform and FLOPs-target models.
 """
 from __future__ import annotations
 
@@ -53,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="images per forward")
     p.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.4], help="plans of vtp.plan(ratio=R)")
     p.add_argument("--flops-target", type=float, default=0.55, help="the plan of vtp.plan(flops_target=F)")
-    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16], help="round_to of every plan")
+    p.add_argument("--round-to", type=int, nargs="+", default=None,
+                   help="round_to of every plan (default: 1 8 16; with --smoke: 1 8)")
     p.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"],
                    help="eager, and torch.compile (inductor); compiled: dense, uniform and the "
                         "FLOPs-target plans in the default layout only (a compile costs minutes on a CPU)")
@@ -62,11 +69,17 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, gates and inputs")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder of the JSON and PNG")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each operator's self time per forward (torch.profiler), for the dense, "
+                        "uniform and FLOPs-target models, eager; writes pruned_cpu_profile.json instead")
     p.add_argument("--smoke", action="store_true", help="a tiny ViT, eager, 2 rounds: checks the script")
     args = p.parse_args(argv)
+    if args.profile:
+        args.modes = ["eager"]
     if args.smoke:
         args.models, args.batch_sizes, args.modes, args.repeats, args.warmup = ["smoke"], [2], ["eager"], 2, 1
-        args.round_to = [1, 8]
+    if args.round_to is None:
+        args.round_to = [1, 8] if args.smoke else [1, 8, 16]
     return args
 
 
@@ -152,9 +165,54 @@ def time_group(models: Dict[str, torch.nn.Module], batch: int, img: int, repeats
     return times
 
 
+def operator_times(models: Dict[str, torch.nn.Module], batch: int, img: int, repeats: int,
+                   seed: int) -> Dict[str, Dict[str, dict]]:
+    """Self CPU time of each operator per forward: one profiled forward per model per round,
+    in turns as the timings are, so that both see the same machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed))
+    per_round = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x)
+        for _ in range(repeats):
+            for k, m in models.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    m(x)
+                per_round[k].append({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
+    out = {}
+    for k, rounds in per_round.items():
+        ops = sorted({op for r in rounds for op in r})
+        out[k] = {op: summarise_ms([r.get(op, 0.0) for r in rounds]) for op in ops}
+    return out
+
+
+def summarise_ms(values: List[float]) -> dict:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median_ms": statistics.median(values), "q1_ms": q[0], "q3_ms": q[2]}
+
+
 def summarise(times: List[float]) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_ms": 1e3 * statistics.median(times), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+
+
+def operator_rows(name: str, batch: int, ops: Dict[str, Dict[str, dict]], top: int = 12) -> List[list]:
+    """Table rows of the operators that take the most time in any model, then the rest."""
+    totals = {k: sum(v["median_ms"] for v in model_ops.values()) for k, model_ops in ops.items()}
+    ranked = sorted({op for model_ops in ops.values() for op in model_ops},
+                    key=lambda op: -max(ops[k].get(op, {"median_ms": 0.0})["median_ms"] for k in ops))
+    def cell(k, ms):
+        return f"{ms:.1f} ({100 * ms / totals[k]:.0f} %)"
+    rows = []
+    for op in ranked[:top]:
+        rows.append([name.split("_patch")[0], batch, op,
+                     {k: cell(k, ops[k].get(op, {"median_ms": 0.0})["median_ms"]) for k in ops}])
+    rest = {k: totals[k] - sum(ops[k].get(op, {"median_ms": 0.0})["median_ms"] for op in ranked[:top]) for k in ops}
+    rows.append([name.split("_patch")[0], batch, "(other operators)", {k: cell(k, rest[k]) for k in ops}])
+    rows.append([name.split("_patch")[0], batch, "(total)", {k: f"{totals[k]:.1f}" for k in ops}])
+    return rows
 
 
 def plot(record: dict, path: str) -> None:
@@ -211,14 +269,14 @@ def main(argv=None) -> int:
             record["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    stem = os.path.join(args.out, "pruned_cpu_smoke" if args.smoke else "pruned_cpu")
-    rows = []
+    stem = os.path.join(args.out, "pruned_cpu" + ("_profile" if args.profile else "") + ("_smoke" if args.smoke else ""))
+    rows, op_rows = [], []
     for name in args.models:
         vs = variants(name, args.seed, args.ratios, args.flops_target, args.round_to)
         img = vs["dense"]["model"].patch_embed.img_size[0]
         for mode in args.modes:
-            chosen = {k: v for k, v in vs.items() if mode == "eager" or k in ("dense", "uniform")
-                      or (k.startswith("flops") and v["layout"] == "padded")}
+            chosen = {k: v for k, v in vs.items() if (mode == "eager" and not args.profile)
+                      or k in ("dense", "uniform") or (k.startswith("flops") and v["layout"] == "padded")}
             models = {k: v["model"] for k, v in chosen.items()}
             if mode == "compile":
                 # Every variant shares timm's forward: one compiled graph each for each batch
@@ -232,6 +290,9 @@ def main(argv=None) -> int:
                 models = {k: torch.compile(m) for k, m in models.items()}
             for batch in args.batch_sizes:
                 times = time_group(models, batch, img, args.repeats, args.warmup, args.seed)
+                ops = operator_times(models, batch, img, args.repeats, args.seed) if args.profile else {}
+                if ops:
+                    op_rows += operator_rows(name, batch, ops)
                 dense_ms = statistics.median(times["dense"])
                 for k, t in times.items():
                     v = chosen[k]
@@ -239,6 +300,8 @@ def main(argv=None) -> int:
                          "speedup": dense_ms / statistics.median(t), **summarise(t),
                          **{f: v[f] for f in v if f != "model"}}
                     r["speedup_per_mac_ratio"] = r["speedup"] / r["mac_ratio"]
+                    if ops:
+                        r["operators"] = ops[k]
                     record["results"].append(r)
                     rows.append([name.split("_patch")[0], mode, batch, k, f"{r['macs'] / 1e9:.3f}",
                                  f"{r['mac_ratio']:.2f}", f"{r['median_ms']:.1f}",
@@ -248,6 +311,13 @@ def main(argv=None) -> int:
                 write_json(stem + ".json", record)
     print(format_table(["model", "mode", "batch", "variant", "GMACs", "MAC ratio", "median ms", "IQR ms",
                         "speed-up", "speed-up / MAC ratio"], rows))
+    if op_rows:
+        print("\nself time per forward, ms (median over the rounds); share of the model's total")
+        print(format_table(["model", "batch", "operator"] + [k for k in op_rows[0][3]], [
+            r[:3] + [cell for cell in r[3].values()] for r in op_rows]))
+        write_json(stem + ".json", record)
+        print(f"wrote {stem}.json")
+        return 0
     plot(record, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png")
     return 0
