@@ -137,16 +137,21 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Di
                                 "flops_target": flops_target, "round_to": rt, "layout": "packed"}
         out[key + " heads"] = {"model": vtp.prune(gated, heads_layout(plan)).eval(), "kind": "pruned",
                                "flops_target": flops_target, "round_to": rt, "layout": "heads"}
-    target = vtp.profile(out[f"flops {flops_target:g} round_to {round_tos[0]}"]["model"]).macs
-    uniform = uniform_model(name, target)
-    out["uniform"] = {"model": uniform, "kind": "uniform", "embed_dim": uniform.embed_dim}
-    dense_macs = vtp.profile(dense).macs
     for v in out.values():
-        v["macs"] = vtp.profile(v["model"]).macs
-        v["params"] = sum(p.numel() for p in v["model"].parameters())
-        v["mac_ratio"] = dense_macs / v["macs"]
-        v["executed_macs"] = vtp.profile(v["model"]).executed_macs
+        count_work(v)
+    uniform = uniform_model(name, out[f"flops {flops_target:g} round_to {round_tos[0]}"]["macs"])
+    out["uniform"] = count_work({"model": uniform, "kind": "uniform", "embed_dim": uniform.embed_dim})
+    for v in out.values():
+        v["mac_ratio"] = out["dense"]["macs"] / v["macs"]
     return out
+
+
+def count_work(variant: dict) -> dict:
+    """The variant's kept and executed MACs (one ``vtp.profile``) and its parameters."""
+    profile = vtp.profile(variant["model"])
+    variant["macs"], variant["executed_macs"] = profile.macs, profile.executed_macs
+    variant["params"] = sum(p.numel() for p in variant["model"].parameters())
+    return variant
 
 
 def time_group(models: Dict[str, torch.nn.Module], batch: int, img: int, repeats: int, warmup: int,
@@ -194,24 +199,23 @@ def summarise_ms(values: List[float]) -> dict:
 
 
 def summarise(times: List[float]) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_ms": 1e3 * statistics.median(times), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+    """Median and quartiles in ms of times in seconds."""
+    return summarise_ms([1e3 * t for t in times])
 
 
 def operator_rows(name: str, batch: int, ops: Dict[str, Dict[str, dict]], top: int = 12) -> List[list]:
     """Table rows of the operators that take the most time in any model, then the rest."""
+    def ms(k, op):
+        return ops[k][op]["median_ms"] if op in ops[k] else 0.0
+
     totals = {k: sum(v["median_ms"] for v in model_ops.values()) for k, model_ops in ops.items()}
-    ranked = sorted({op for model_ops in ops.values() for op in model_ops},
-                    key=lambda op: -max(ops[k].get(op, {"median_ms": 0.0})["median_ms"] for k in ops))
-    def cell(k, ms):
-        return f"{ms:.1f} ({100 * ms / totals[k]:.0f} %)"
-    rows = []
-    for op in ranked[:top]:
-        rows.append([name.split("_patch")[0], batch, op,
-                     {k: cell(k, ops[k].get(op, {"median_ms": 0.0})["median_ms"]) for k in ops}])
-    rest = {k: totals[k] - sum(ops[k].get(op, {"median_ms": 0.0})["median_ms"] for op in ranked[:top]) for k in ops}
-    rows.append([name.split("_patch")[0], batch, "(other operators)", {k: cell(k, rest[k]) for k in ops}])
-    rows.append([name.split("_patch")[0], batch, "(total)", {k: f"{totals[k]:.1f}" for k in ops}])
+    ranked = sorted({op for model_ops in ops.values() for op in model_ops}, key=lambda op: -max(ms(k, op) for k in ops))
+    shown = ranked[:top]
+    cells = [(op, {k: ms(k, op) for k in ops}) for op in shown]
+    cells.append(("(other operators)", {k: totals[k] - sum(ms(k, op) for op in shown) for k in ops}))
+    short = name.split("_patch")[0]
+    rows = [[short, batch, op, {k: f"{t[k]:.1f} ({100 * t[k] / totals[k]:.0f} %)" for k in ops}] for op, t in cells]
+    rows.append([short, batch, "(total)", {k: f"{totals[k]:.1f}" for k in ops}])
     return rows
 
 
@@ -314,8 +318,7 @@ def main(argv=None) -> int:
     if op_rows:
         print("\nself time per forward, ms (median over the rounds); share of the model's total")
         print(format_table(["model", "batch", "operator"] + [k for k in op_rows[0][3]], [
-            r[:3] + [cell for cell in r[3].values()] for r in op_rows]))
-        write_json(stem + ".json", record)
+            r[:3] + list(r[3].values()) for r in op_rows]))
         print(f"wrote {stem}.json")
         return 0
     plot(record, stem + ".png")
