@@ -271,3 +271,20 @@ def test_padded_values_give_the_packed_result(dtype):
     torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match=r"v: expected shape \[2, 13, 64\]"):
         reference.packed_attention(q, k, packed, widths, v_padded=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_padded_values_raise_on_every_backend(backend):
+    """A padded V is checked before the Triton path gathers it: a head wider than D would
+    read its neighbour's columns, a V of the wrong width would be read out of place."""
+    B, H, N, D = 1, 2, 5, 16
+    q = torch.randn(B, H, N, D)
+    with vtp_kernels.use_backend(backend):
+        with pytest.raises(ValueError, match="a padded V holds at most 16 values per head"):
+            vtp_kernels.packed_attention(q, q, torch.randn(B, N, H * D), (20, 4), v_padded=True)
+        with pytest.raises(ValueError, match=r"v: expected shape \[1, 5, 32\]"):
+            vtp_kernels.packed_attention(q, q, torch.randn(B, N, 40), (8, 4), v_padded=True)
+        with pytest.raises(ValueError, match="widths must be >= 0"):
+            vtp_kernels.packed_attention(q, q, torch.randn(B, N, H * D), (8, -1), v_padded=True)
+        with pytest.raises(ValueError, match=r"q: expected \[B, H, N, D\]"):
+            vtp_kernels.packed_attention(q[0], q[0], torch.randn(B, N, H * D), (8, 4), v_padded=True)

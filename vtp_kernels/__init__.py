@@ -60,7 +60,7 @@ def packed_attention(
     to packed first."""
     if attn_bias is None and use_triton("packed_attention", q):
         if v_padded:
-            cols = reference.padded_value_columns(tuple(int(w) for w in v_widths), q.shape[-1], v.device)
-            v = v.index_select(-1, cols)
+            widths = reference.check_value_layout(q, v, v_widths, v_padded=True)
+            v = v.index_select(-1, reference.padded_value_columns(tuple(widths), q.shape[-1], v.device))
         return packed_attention_triton(q, k, v, v_widths, scale)
     return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded)

@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from ._utils import autotune_configs, dot_precision, largest_pow2_dividing, new_empty, on_device
 
 __all__ = ["packed_attention_triton"]
@@ -535,19 +536,10 @@ def packed_attention_triton(
 ) -> torch.Tensor:
     """Triton twin of ``reference.packed_attention``: q, k ``[B, H, N, D]``, v ``[B, N, sum(v_widths)]``
     packed per head; returns ``[B, N, sum(v_widths)]`` packed the same way. Any strides."""
-    if q.dim() != 4:
-        raise ValueError(f"q: expected [B, H, N, D], got shape {list(q.shape)}")
-    B, H, N, D = q.shape
+    widths = reference.check_value_layout(q, v, v_widths)
+    D = q.shape[-1]
     if k.shape != q.shape:
         raise ValueError(f"k: expected shape {list(q.shape)} like q, got {list(k.shape)}")
-    widths = [int(w) for w in v_widths]
-    if len(widths) != H:
-        raise ValueError(f"v_widths: expected {H} entries (one per head of q), got {len(widths)}")
-    if any(w < 0 for w in widths):
-        raise ValueError(f"v_widths: widths must be >= 0, got {widths}")
-    total = sum(widths)
-    if v.dim() != 3 or v.shape[:2] != (B, N) or v.shape[-1] != total:
-        raise ValueError(f"v: expected shape [{B}, {N}, {total}], got {list(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q, k, v: expected one dtype among float16, bfloat16, float32; "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
