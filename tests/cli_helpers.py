@@ -87,8 +87,8 @@ def flags(*groups: List[str]) -> List[str]:
 
 
 def cli_error(capsys, argv: List[str], code: int = 1) -> str:
-    """Runs a failing `vtp` command; returns its stderr after checking the exit code and
-    that it printed an error. argparse errors (code 2) exit through SystemExit."""
+    """Runs a failing `vtp` command; returns its stderr after checking the exit code, that
+    it printed an error and no traceback. argparse errors (code 2) exit through SystemExit."""
     from vtp.app import cli
 
     if code == 2:
@@ -99,5 +99,6 @@ def cli_error(capsys, argv: List[str], code: int = 1) -> str:
         assert cli.main(argv) == code
     err = capsys.readouterr().err
     assert "error" in err
+    assert "Traceback" not in err
     return err
 

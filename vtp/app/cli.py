@@ -243,11 +243,11 @@ def cmd_finetune(args, parser, after_step=None) -> int:
     source = resolve_source(args.source, "finetune")
     check_source(args, source, "finetune")
     precheck(args, need_train=True)
-    finetune_teacher(args, source)
+    teacher = finetune_teacher(args, source)
     resume = check_fresh_or_resume(args.output, args.resume)
     ctx = Context(args, "finetune")
     write_stage_config(ctx, args, parser, ctx.out)
-    stage_finetune(args, ctx, source, ctx.out, resume, after_step=after_step)
+    stage_finetune(args, ctx, source, teacher, ctx.out, resume, after_step=after_step)
     return 0
 
 
@@ -304,16 +304,31 @@ def cmd_run(args, parser, after_step=None) -> int:
         # Rank 0's answer, so that every process takes the same branch.
         return distributed.broadcast_object(os.path.isfile(path), ctx.info)
 
+    def trains_to_the_end(name: str, stage) -> bool:
+        """Runs (or resumes) the training stage `name`, `stage(out_dir, resume)`, unless it is
+        done; False when it stopped early (--stop-after-steps), which ends the run here."""
+        if done(name):
+            return True
+        resume = check_fresh_or_resume(dirs[name], args.resume, optional=True)
+        write_stage_config(ctx, args, parser, dirs[name])
+        return not stage(dirs[name], resume)["stopped"]
+
+    def train_dense(out_dir: str, resume: bool):
+        return stage_train(args, ctx, out_dir, resume, prefix="train-", after_step=after_step)
+
+    def sparse_train(out_dir: str, resume: bool):
+        return stage_sparse_train(args, ctx, out_dir, resume, prefix="sparse-", after_step=after_step)
+
+    def finetune(out_dir: str, resume: bool):
+        pruned = os.path.join(dirs["prune"], "model")
+        return stage_finetune(args, ctx, pruned, finetune_teacher(args, pruned), out_dir, resume,
+                              prefix="finetune-", after_step=after_step)
+
     write_stage_config(ctx, args, parser, run)
 
     if args.train_epochs > 0:
-        if not done("train"):
-            resume = check_fresh_or_resume(dirs["train"], args.resume, optional=True)
-            write_stage_config(ctx, args, parser, dirs["train"])
-            summary = stage_train(args, ctx, dirs["train"], resume, prefix="train-",
-                                  after_step=after_step)
-            if summary["stopped"]:
-                return 0
+        if not trains_to_the_end("train", train_dense):
+            return 0
         # The rest of the run starts from the model the dense stage trained.
         args.checkpoint = os.path.join(dirs["train"], "model")
         args.pretrained, args.pretrained_path, args.reset_head = False, None, False
@@ -321,24 +336,14 @@ def cmd_run(args, parser, after_step=None) -> int:
     if not done("eval-dense"):
         stage_eval_dense(args, ctx, dirs["eval-dense"])
 
-    if not done("sparse-train"):
-        resume = check_fresh_or_resume(dirs["sparse-train"], args.resume, optional=True)
-        write_stage_config(ctx, args, parser, dirs["sparse-train"])
-        summary = stage_sparse_train(args, ctx, dirs["sparse-train"], resume, prefix="sparse-",
-                                     after_step=after_step)
-        if summary["stopped"]:
-            return 0
+    if not trains_to_the_end("sparse-train", sparse_train):
+        return 0
 
     if not done("prune"):
         stage_prune(args, ctx, os.path.join(dirs["sparse-train"], "model"), dirs["prune"])
 
-    if not done("finetune"):
-        resume = check_fresh_or_resume(dirs["finetune"], args.resume, optional=True)
-        write_stage_config(ctx, args, parser, dirs["finetune"])
-        summary = stage_finetune(args, ctx, os.path.join(dirs["prune"], "model"), dirs["finetune"],
-                                 resume, prefix="finetune-", after_step=after_step)
-        if summary["stopped"]:
-            return 0
+    if not trains_to_the_end("finetune", finetune):
+        return 0
 
     model, metadata = models.load_vtp_model(os.path.join(dirs["finetune"], "model"))
     stage_eval(args, ctx, model, metadata, dirs["eval-pruned"], "pruned")

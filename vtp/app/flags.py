@@ -22,6 +22,7 @@ from vtp.modules import V_LAYOUTS
 from vtp.planner import DEFAULT_ROUND_TO
 from vtp.prune import DEFAULT_V_LAYOUT
 
+from .distill import DISTILL_KINDS
 from .errors import VTPError
 
 __all__ = [
@@ -229,7 +230,7 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
     `optional_stage` lets --<prefix>epochs be 0 (the stage is skipped)."""
     titles = {"train-": "dense training (the run's first stage, when --train-epochs > 0)",
               "sparse-": "sparse training", "finetune-": "fine-tuning"}
-    title = titles.get(prefix, f"{prefix.rstrip('-')} training") if prefix else "training (DeiT recipe)"
+    title = titles[prefix] if prefix else "training (DeiT recipe)"
     group = parser.add_argument_group(title)
     if optional_stage:
         group.add_argument(f"--{prefix}epochs", type=_non_negative_int, default=defaults["epochs"],
@@ -323,7 +324,7 @@ def add_distill_args(parser: argparse.ArgumentParser, run: bool = False) -> None
              "pruned from) or a directory written by vtp.save (or a stage directory holding "
              "model/)" + ("; in `vtp run` 'dense' is the model eval-dense measured" if run else ""))
     group.add_argument(
-        "--distill-type", default="soft", choices=("soft", "hard"),
+        "--distill-type", default="soft", choices=DISTILL_KINDS,
         help="soft: KL divergence to the teacher's softened probabilities, times tau^2; "
              "hard: cross-entropy against the teacher's top class (DeiT). A two-token "
              "(distilled) student takes it on its distillation token, the task loss on its "

@@ -3,6 +3,7 @@ weights when asked (hub, cache or a local file), loaded from a timm checkpoint o
 ``vtp.save`` directory, with clear errors when they do not fit."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -57,10 +58,21 @@ def pretrained_classes(name: str, pretrained_path: Optional[str] = None) -> int:
     """How many classes the pretrained weights predict: the local file's classifier rows,
     else what timm's pretrained config of `name` says (1000 for ImageNet weights); 0 when
     there is no classifier to keep."""
-    cfg = timm.models.get_pretrained_cfg(name)
     if not pretrained_path:
+        cfg = timm.models.get_pretrained_cfg(name)
         return int(getattr(cfg, "num_classes", 0) or 0) if cfg is not None else 0
-    state = read_state_dict(pretrained_path)
+    if not os.path.isfile(pretrained_path):
+        raise VTPError(f"checkpoint not found: {pretrained_path}")
+    # Asked by the run's early check and by every stage that builds the dense model: the
+    # file (hundreds of MB for a ViT-B) is read once for as long as it stays the same.
+    stat = os.stat(pretrained_path)
+    return _classifier_rows(name, os.path.abspath(pretrained_path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _classifier_rows(name: str, path: str, mtime_ns: int, size: int) -> int:
+    cfg = timm.models.get_pretrained_cfg(name)
+    state = read_state_dict(path)
     heads = getattr(cfg, "classifier", None) or "head"
     for head in (heads,) if isinstance(heads, str) else tuple(heads):
         if f"{head}.weight" in state:

@@ -13,7 +13,7 @@ import datetime
 import importlib.util
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import timm
 import torch
@@ -35,7 +35,7 @@ from .flags import model_kwargs_from_args, resolved_config, write_config
 from .metrics import jsonable
 from .random import seed_everything
 from .teacher import (TeacherSpec, build_teacher, check_teacher, dense_record, resolve_teacher,
-                      teacher_from_directory)
+                      teacher_from_directory, teacher_shape)
 
 __all__ = ["Context", "SOURCE_DIRS", "resolve_source", "check_source", "check_prune_args",
            "precheck", "check_fresh_or_resume", "check_trained_start", "check_run_teacher",
@@ -215,20 +215,15 @@ def check_trained_start(args: argparse.Namespace) -> None:
                            "fine-tune it first")
 
 
-def check_run_teacher(args: argparse.Namespace) -> Optional[TeacherSpec]:
+def check_run_teacher(args: argparse.Namespace) -> None:
     """A teacher directory given to `vtp run --distill`, checked before any work ('dense' and
     'gated' are made by the run itself)."""
     if not args.distill or (args.teacher or "dense") in ("dense", "gated"):
-        return None
-    spec = teacher_from_directory(args.teacher)
-    try:
-        classes = read_config(spec.directory).num_classes
-    except (OSError, ValueError) as e:
-        raise VTPError(f"--teacher {args.teacher}: {e}") from None
+        return
+    classes, _ = teacher_shape(teacher_from_directory(args.teacher))
     want = _expected_classes(args)
     if classes != want:
         raise VTPError(f"--teacher {args.teacher} predicts {classes} classes, the data has {want}")
-    return spec
 
 
 def finetune_teacher(args: argparse.Namespace, source: str) -> Optional[TeacherSpec]:
@@ -439,60 +434,75 @@ def _check_saveable(args, model) -> None:
         raise VTPError(f"--model {args.model}: the trained model could not be saved: {e}") from None
 
 
+class DenseStart(NamedTuple):
+    """What a training stage from a dense model starts with."""
+    model: Any
+    record: Dict[str, Any]        # how the dense model was built (dense_record)
+    num_classes: int
+    settings: Dict[str, Any]      # the data settings the model takes
+    train_ds: Any
+    val_ds: Any
+    spec: Any                     # the DataSpec, None for synthetic data
+
+    def metadata(self, args, stage: str) -> Dict[str, Any]:
+        return {"stage": stage, "model": args.model, "num_classes": self.num_classes,
+                "data": {**self.settings, "class_to_idx": self.spec.class_to_idx if self.spec else None}}
+
+
+def _dense_start(args, ctx: Context, gated: bool) -> DenseStart:
+    """Data and the dense starting model of `vtp train` (gated=False) or `vtp sparse-train`
+    (gates added), checked saveable before the first step."""
+    train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
+    num_classes = args.num_classes or (spec.num_classes if spec else 1000)
+    model, metadata, record = dense_model(args, num_classes)
+    if gated and not args.checkpoint and not record["pretrained"]:
+        ctx.say("warning: sparse training starts from random weights (no --checkpoint or "
+                "--pretrained); VTP prunes a trained model: see `vtp train`")
+    models.set_drop_path(model, args.drop_path)
+    if gated:
+        try:
+            vtp.add_gates(model, args.sites)
+        except (TypeError, ValueError) as e:
+            raise VTPError(f"--model {args.model}: {e}") from None
+    _check_saveable(args, model)
+    settings = _data_settings(model, metadata)
+    train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
+    return DenseStart(model, record, num_classes, settings, train_ds, val_ds, spec)
+
+
 def stage_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = "",
                 after_step=None) -> Dict[str, Any]:
     """Dense training (`vtp train`, and `vtp run --train-epochs`): an ordinary timm model
     trained or fine-tuned on the data; writes model/ for sparse training to start from."""
     cfg = train_config(args, "train", prefix)
-    train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
-    num_classes = args.num_classes or (spec.num_classes if spec else 1000)
-    model, metadata, record = dense_model(args, num_classes)
-    models.set_drop_path(model, args.drop_path)
-    _check_saveable(args, model)
-    settings = _data_settings(model, metadata)
-    train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
-    summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
-                     f"train: {args.model} {_starting_point(args)}, {len(train_ds)} training "
-                     f"images, {num_classes} classes")
+    start = _dense_start(args, ctx, gated=False)
+    summary = _train(args, ctx, cfg, start.model, start.train_ds, start.val_ds, out_dir, resume, after_step,
+                     f"train: {args.model} {_starting_point(args)}, {len(start.train_ds)} training "
+                     f"images, {start.num_classes} classes")
     if summary["stopped"]:
         return summary
-    models.set_drop_path(model, 0.0)  # the saved model describes inference, not a recipe
-    model.to("cpu")
-    meta = {"stage": "train", "model": args.model, "num_classes": num_classes,
-            "data": {**settings, "class_to_idx": spec.class_to_idx if spec else None},
-            "started_from": record, "last_epoch": summary.get("last_epoch", {})}
-    _publish(ctx, out_dir, model, meta, summary)
+    models.set_drop_path(start.model, 0.0)  # the saved model describes inference, not a recipe
+    start.model.to("cpu")
+    meta = {**start.metadata(args, "train"), "started_from": start.record,
+            "last_epoch": summary.get("last_epoch", {})}
+    _publish(ctx, out_dir, start.model, meta, summary)
     return summary
 
 
 def stage_sparse_train(args, ctx: Context, out_dir: str, resume: bool, prefix: str = "",
                        after_step=None) -> Dict[str, Any]:
     cfg = train_config(args, "sparse-train", prefix)
-    train_ds, val_ds, spec = _folder_datasets(args, need_train=True)
-    num_classes = args.num_classes or (spec.num_classes if spec else 1000)
-    model, metadata, record = dense_model(args, num_classes)
-    if not args.checkpoint and not record["pretrained"]:
-        ctx.say("warning: sparse training starts from random weights (no --checkpoint or "
-                "--pretrained); VTP prunes a trained model: see `vtp train`")
-    models.set_drop_path(model, args.drop_path)
-    try:
-        vtp.add_gates(model, args.sites)
-    except (TypeError, ValueError) as e:
-        raise VTPError(f"--model {args.model}: {e}") from None
-    _check_saveable(args, model)
-    settings = _data_settings(model, metadata)
-    train_ds, val_ds, spec = _finish_datasets(args, train_ds, val_ds, spec, settings, num_classes, True)
-    summary = _train(args, ctx, cfg, model, train_ds, val_ds, out_dir, resume, after_step,
-                     f"sparse-train: {args.model}, {len(train_ds)} training images, "
-                     f"{num_classes} classes, lambda {cfg.lam}")
+    start = _dense_start(args, ctx, gated=True)
+    summary = _train(args, ctx, cfg, start.model, start.train_ds, start.val_ds, out_dir, resume, after_step,
+                     f"sparse-train: {args.model}, {len(start.train_ds)} training images, "
+                     f"{start.num_classes} classes, lambda {cfg.lam}")
     if summary["stopped"]:
         return summary
-    model.to("cpu")
-    summary["gate_stats"] = vtp.gate_stats(model)["all"]
-    meta = {"stage": "sparse-train", "model": args.model, "num_classes": num_classes,
-            "data": {**settings, "class_to_idx": spec.class_to_idx if spec else None},
-            "dense": record, "last_epoch": summary.get("last_epoch", {})}
-    _publish(ctx, out_dir, model, meta, summary)
+    start.model.to("cpu")
+    summary["gate_stats"] = vtp.gate_stats(start.model)["all"]
+    meta = {**start.metadata(args, "sparse-train"), "dense": start.record,
+            "last_epoch": summary.get("last_epoch", {})}
+    _publish(ctx, out_dir, start.model, meta, summary)
     return summary
 
 
@@ -534,10 +544,11 @@ def stage_prune(args, ctx: Context, source: str, out_dir: str) -> Dict[str, Any]
     return summary
 
 
-def stage_finetune(args, ctx: Context, source: str, out_dir: str, resume: bool,
-                   prefix: str = "", after_step=None) -> Dict[str, Any]:
+def stage_finetune(args, ctx: Context, source: str, teacher: Optional[TeacherSpec], out_dir: str,
+                   resume: bool, prefix: str = "", after_step=None) -> Dict[str, Any]:
+    """Fine-tuning of the pruned model in `source`, distilled from `teacher` (what
+    `finetune_teacher` found and checked; None: no distillation)."""
     cfg = train_config(args, "finetune", prefix)
-    teacher = finetune_teacher(args, source)
     model, metadata = models.load_vtp_model(source)
     train_ds, val_ds, spec, settings = _saved_model_datasets(args, model, metadata, source,
                                                              need_train=True)

@@ -22,7 +22,7 @@ from . import models
 from .errors import VTPError
 
 __all__ = ["TeacherSpec", "dense_record", "resolve_teacher", "teacher_from_directory",
-           "check_teacher", "build_teacher"]
+           "teacher_shape", "check_teacher", "build_teacher"]
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,12 @@ def dense_record(args, num_classes: int, model_kwargs: Dict[str, Any],
     }
 
 
-def teacher_from_directory(path: str, label: Optional[str] = None) -> TeacherSpec:
+def teacher_from_directory(path: str) -> TeacherSpec:
     """A teacher given as a directory: a vtp.save directory, or a stage directory holding
     one in model/."""
     for candidate in (path, os.path.join(path, "model")):
         if is_model_dir(candidate):
-            return TeacherSpec(label=label or path, directory=candidate)
+            return TeacherSpec(label=path, directory=candidate)
     if not os.path.exists(path):
         raise VTPError(f"--teacher {path}: not found")
     raise VTPError(f"--teacher {path}: not a directory written by vtp.save (nor a stage "
@@ -116,7 +116,7 @@ def resolve_teacher(which: Optional[str], metadata: Dict[str, Any], source: str)
     return teacher_from_directory(which)
 
 
-def _teacher_shape(spec: TeacherSpec) -> Tuple[int, Optional[Tuple[int, int]]]:
+def teacher_shape(spec: TeacherSpec) -> Tuple[int, Optional[Tuple[int, int]]]:
     """(classes, image size or None when unknown) of the teacher, without building it."""
     if spec.directory:
         try:
@@ -130,7 +130,7 @@ def _teacher_shape(spec: TeacherSpec) -> Tuple[int, Optional[Tuple[int, int]]]:
 
 def check_teacher(spec: TeacherSpec, num_classes: int, img_size: Tuple[int, int]) -> None:
     """The teacher must predict the student's classes from the student's images."""
-    classes, size = _teacher_shape(spec)
+    classes, size = teacher_shape(spec)
     if classes != num_classes:
         raise VTPError(f"--teacher {spec.label} ({spec.describe()}) predicts {classes} classes, "
                        f"the student {num_classes}")
