@@ -100,10 +100,9 @@ def heads_layout(plan: vtp.PruningPlan) -> vtp.PruningPlan:
     return vtp.PruningPlan(kept=kept, sizes=plan.sizes, head_dim=d, rule={**plan.rule, "layout": "heads"})
 
 
-def uniform_model(name: str, target_macs: int) -> torch.nn.Module:
-    """Same depth and heads, the embed_dim (a multiple of the heads' count times 8) whose
-    MACs come closest to ``target_macs``."""
-    dense = build(name)
+def uniform_model(name: str, dense: torch.nn.Module, target_macs: int) -> torch.nn.Module:
+    """Same depth and heads as ``dense``, the embed_dim (a multiple of the heads' count
+    times 8) whose MACs come closest to ``target_macs``."""
     heads = dense.blocks[0].attn.num_heads
     best = None
     for dim in range(heads * 8, dense.embed_dim, heads * 8):
@@ -139,7 +138,7 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Di
                                "flops_target": flops_target, "round_to": rt, "layout": "heads"}
     for v in out.values():
         count_work(v)
-    uniform = uniform_model(name, out[f"flops {flops_target:g} round_to {round_tos[0]}"]["macs"])
+    uniform = uniform_model(name, dense, out[f"flops {flops_target:g} round_to {round_tos[0]}"]["macs"])
     out["uniform"] = count_work({"model": uniform, "kind": "uniform", "embed_dim": uniform.embed_dim})
     for v in out.values():
         v["mac_ratio"] = out["dense"]["macs"] / v["macs"]
@@ -150,7 +149,7 @@ def count_work(variant: dict) -> dict:
     """The variant's kept and executed MACs (one ``vtp.profile``) and its parameters."""
     profile = vtp.profile(variant["model"])
     variant["macs"], variant["executed_macs"] = profile.macs, profile.executed_macs
-    variant["params"] = sum(p.numel() for p in variant["model"].parameters())
+    variant["params"] = profile.params
     return variant
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -283,22 +282,14 @@ def write_atomically(path: str, write: Callable[[str], None]) -> str:
 
 def write_json(path, record) -> str:
     """Write ``record`` as indented JSON to ``path`` atomically (parents created); returns the path."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-    return write_atomically(str(path), write)
+    _ATOMIC.write_json(str(path), record)
+    return str(path)
 
 
 def write_text(path, text: str) -> str:
     """Write ``text`` to ``path`` atomically (parents created); returns the path."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    return write_atomically(str(path), write)
+    _ATOMIC.write_text(str(path), text)
+    return str(path)
 
 
 def save_record(record, stem: str, plot: Optional[Callable[[object, str], None]]) -> None:

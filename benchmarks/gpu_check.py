@@ -52,7 +52,6 @@ import importlib
 import json
 import os
 import re
-import shlex
 import signal
 import statistics
 import subprocess
@@ -60,7 +59,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
 import common  # noqa: E402  (puts the repository root on sys.path too)
@@ -238,15 +237,11 @@ class Step:
     """One step's process: its device, deadline and record (rewritten by ``save``)."""
 
     def __init__(self, name: str, work: str, smoke: bool, seconds: float):
-        common.use_interpreter(smoke)
-        import torch
-
         self.name, self.work, self.smoke = name, work, smoke
         self.deadline = time.monotonic() + seconds
+        torch, self.device = common.setup(smoke, 0)
         self.torch = torch
-        self.device = common.pick_device(torch, smoke)
         self.cuda = self.device.type == "cuda"
-        torch.manual_seed(0)
         torch.set_float32_matmul_precision("highest")  # fp32 checks without TF32
         self.record: Dict[str, object] = {"step": name, "smoke": smoke, "device": common.device_name(torch, self.device),
                                           "results": []}
@@ -583,8 +578,6 @@ def compile_pruned(torch, round_to: int, op: str, smoke: bool) -> None:
     (M = 16 * 197 rows fall in the same divisibility classes as 256 * 197). Only the
     launches matter, so each nn.Linear returns an uninitialised bf16 output of its shape,
     as under autocast, and the other op runs its reference."""
-    import vtp_kernels
-
     if round_to not in _PRUNED_ON_CPU:  # a worker may compile several jobs of these models
         if "gated" not in _PRUNED_ON_CPU:
             _PRUNED_ON_CPU["gated"] = gated_model(torch, torch.device("cpu"), smoke)[1]
