@@ -7,6 +7,8 @@ device (no weights, no arithmetic) and profiled.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Dict, List, Optional
 
@@ -178,20 +180,24 @@ def _fit_flops(model, scores, names, sizes, head_dim, target, finish, rule, img_
     budget = target * dense
     meta_model = structure_copy(model)
 
-    def kept_for(n_remove):
+    @functools.lru_cache(maxsize=None)
+    def evaluate(n_remove):
+        """(kept, threshold, MACs) when the ``n_remove`` lowest scores go; each candidate is
+        pruned on the meta device and profiled once (the answer is usually one the search
+        has already measured)."""
         counts, threshold = _global_counts(scores, names, n_remove)
-        return finish(counts), threshold
+        kept = finish(counts)
+        return kept, threshold, _plan_macs(meta_model, kept, head_dim, img_size)
 
     # MACs never grow as more dims are removed, so binary-search the fewest removals that fit.
     lo, hi = 0, sum(sizes.values())
     while lo < hi:
         mid = (lo + hi) // 2
-        if _plan_macs(meta_model, kept_for(mid)[0], head_dim, img_size) <= budget:
+        if evaluate(mid)[2] <= budget:
             hi = mid
         else:
             lo = mid + 1
-    kept, threshold = kept_for(lo)
-    macs = _plan_macs(meta_model, kept, head_dim, img_size)
+    kept, threshold, macs = evaluate(lo)
     if macs > budget:
         raise ValueError(f"flops_target: {target} is out of reach; pruning every gated dim (with "
                          f"min_keep={rule['min_keep']}) still leaves {macs / dense:.3f} of the dense MACs")
