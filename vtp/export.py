@@ -25,7 +25,7 @@ import torch.nn as nn
 import vtp_kernels
 
 from .atomic import atomic_write
-from .profile import default_img_size, input_channels
+from .profile import default_img_size, input_channels, size_pair
 
 __all__ = ["FORMATS", "ExportCheck", "export", "onnx_session", "run_onnx", "OnnxRuntimeModel"]
 
@@ -116,8 +116,7 @@ def export(model: nn.Module, path: Union[str, os.PathLike], format: str = "onnx"
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    size = default_img_size(model) if img_size is None else (
-        (img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
+    size = default_img_size(model) if img_size is None else size_pair(img_size)
     start = time.perf_counter()
     model = copy.deepcopy(model).float().cpu().eval()
     g = torch.Generator().manual_seed(0)

@@ -50,15 +50,20 @@ class Profile:
         return f"{self.mparams:.2f} M params, {self.gmacs:.3f} G MACs at {self.img_size[0]}x{self.img_size[1]}"
 
 
-def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+def size_pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """(height, width) of an image or patch size given as one int or a pair."""
+    if isinstance(size, int):
+        return size, size
+    if len(size) != 2:
+        raise ValueError(f"img_size: expected an int or (height, width), got {tuple(size)}")
+    return int(size[0]), int(size[1])
 
 
 def num_tokens(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> int:
     """Sequence length the blocks of a patch-embedding ViT see: patches plus class,
     distillation and register tokens."""
-    h, w = _pair(img_size) if img_size is not None else _pair(model.patch_embed.img_size)
-    ph, pw = _pair(model.patch_embed.patch_size)
+    h, w = size_pair(img_size) if img_size is not None else size_pair(model.patch_embed.img_size)
+    ph, pw = size_pair(model.patch_embed.patch_size)
     if getattr(model.patch_embed, "dynamic_img_pad", False):  # the image is padded to whole patches
         return -(-h // ph) * -(-w // pw) + model.num_prefix_tokens
     return (h // ph) * (w // pw) + model.num_prefix_tokens
@@ -82,10 +87,10 @@ def default_img_size(model: nn.Module) -> Tuple[int, int]:
     size = getattr(embed, "img_size", None) or getattr(embed, "default_img_size", None)
     if size is None and getattr(embed, "pos_embed_grid_size", None) is not None:
         # NaFlex ViTs take any size; their position table is laid out for this one
-        size = tuple(g * p for g, p in zip(embed.pos_embed_grid_size, _pair(embed.patch_size)))
+        size = tuple(g * p for g, p in zip(embed.pos_embed_grid_size, size_pair(embed.patch_size)))
     if size is None:
         raise TypeError(f"model: cannot tell the image size of {type(embed).__name__}")
-    return _pair(size)
+    return size_pair(size)
 
 
 def check_img_size(model: nn.Module, size: Tuple[int, int]) -> None:
@@ -93,11 +98,11 @@ def check_img_size(model: nn.Module, size: Tuple[int, int]) -> None:
     embed = _embed(model)
     if min(size) <= 0:
         raise ValueError(f"img_size: expected positive sizes, got {size}")
-    if getattr(embed, "strict_img_size", False) and tuple(size) != _pair(embed.img_size):
+    if getattr(embed, "strict_img_size", False) and tuple(size) != size_pair(embed.img_size):
         raise ValueError(f"img_size: the model takes only {tuple(embed.img_size)} images (no dynamic_img_size), "
                          f"got {tuple(size)}")
-    patch = _pair(embed.patch_size)
-    stride = (_pair(embed.img_size)[0] // embed.grid_size[0], _pair(embed.img_size)[1] // embed.grid_size[1]) \
+    patch = size_pair(embed.patch_size)
+    stride = (size_pair(embed.img_size)[0] // embed.grid_size[0], size_pair(embed.img_size)[1] // embed.grid_size[1]) \
         if getattr(embed, "grid_size", None) is not None and getattr(embed, "img_size", None) is not None else patch
     if not getattr(embed, "dynamic_img_pad", False) and (size[0] % stride[0] or size[1] % stride[1]):
         raise ValueError(f"img_size: {tuple(size)} is not a multiple of the patch size {stride} (no dynamic_img_pad)")
@@ -125,7 +130,7 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     Gates count as parameters (they are trained); the pruned model has none.
     ``img_size`` defaults to the size the model was built for.
     """
-    size = _pair(img_size) if img_size is not None else default_img_size(model)
+    size = size_pair(img_size) if img_size is not None else default_img_size(model)
     check_img_size(model, size)
     params = sum(p.numel() for p in model.parameters())
     total = [0]

@@ -193,16 +193,15 @@ def _prune_mlp(branch: Branch, gates: Dict[str, Gate], layout: str) -> None:
     mlp = branch.module()
     (kept_in, _), (kept_hidden, g_hidden) = gates["mlp_in"], gates["mlp_hidden"]
     fc2 = mlp.fc2
+    inputs = site_linears(branch, "mlp_in")
+    width = getattr(*inputs[0]).in_features
     if kept_in.numel() == 0 or kept_hidden.numel() == 0:
         # fc1 sees zeros (or fc2 keeps no hidden feature): the output is fixed by the biases.
         frozen = copy.deepcopy(mlp).eval()
         frozen.fc2 = _linear(fc2.weight * g_hidden, fc2.bias)
-        width = getattr(*site_linears(branch, "mlp_in")[0]).in_features
         _make_constant(branch, frozen(fc2.weight.new_zeros(1, width)).flatten())
         return
 
-    inputs = site_linears(branch, "mlp_in")
-    width = getattr(*inputs[0]).in_features
     in_index = _narrow_input(branch, gates["mlp_in"], width)
     hidden = fc2.in_features
     hidden_norm = not isinstance(mlp.norm, nn.Identity)
