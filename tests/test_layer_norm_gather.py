@@ -89,10 +89,11 @@ def test_matches_reference(dtype, k, affine):
     _compare(*_inputs(dtype, k, affine), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("d, k", [(1, 1), (7, 3), (8, 8), (64, 24), (200, 199)],
                          ids=["d1", "odd", "d8", "multiple_of_8", "wide_odd"])
-def test_widths(d, k):
-    _compare(*_inputs(torch.float32, k, "both", shape=(5, 9, d), d=d), torch.float32)
+def test_widths(d, k, dtype):
+    _compare(*_inputs(dtype, k, "both", shape=(5, 9, d), d=d), dtype)
 
 
 LAYOUT_CASES = [(name, layout) for name, rank in (("x", 3), ("weight", 1), ("bias", 1), ("index", 1), ("dy", 3))

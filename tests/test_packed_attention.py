@@ -18,10 +18,11 @@ from vtp_kernels import reference
 from vtp_kernels._utils import poison_outputs
 
 # (H, D, v_widths): widths 0 (dropped head), 1, 7 and a full 64-wide head; H=3 with D=32;
-# and eight 8-wide heads, where every offset and stride of a packed qkv row is a multiple
-# of 8 and the kernels promise 8-aligned strides to the compiler.
-CASES = [(4, 64, (0, 1, 7, 64)), (3, 32, (32, 0, 5)), (8, 16, (8,) * 8)]
-CASE_IDS = ["H4D64", "H3D32", "H8D16"]
+# eight 8-wide heads, where every offset and stride of a packed qkv row is a multiple of 8
+# and the kernels promise 8-aligned strides to the compiler; and a head dim that is not a
+# power of two (D=20), so the kernels' head-dim masks cut a block.
+CASES = [(4, 64, (0, 1, 7, 64)), (3, 32, (32, 0, 5)), (8, 16, (8,) * 8), (3, 20, (7, 0, 20))]
+CASE_IDS = ["H4D64", "H3D32", "H8D16", "H3D20"]
 
 # fp32: exact fp32 dots; only the flash-style reordering of the softmax sums differs (~1e-7
 #       seen), so 1e-5 relative (and 1e-5 absolute for values near 0) has ample margin.
@@ -288,3 +289,44 @@ def test_bad_padded_values_raise_on_every_backend(backend):
             vtp_kernels.packed_attention(q, q, torch.randn(B, N, H * D), (8, -1), v_padded=True)
         with pytest.raises(ValueError, match=r"q: expected \[B, H, N, D\]"):
             vtp_kernels.packed_attention(q[0], q[0], torch.randn(B, N, H * D), (8, 4), v_padded=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_padded_values_backward(dtype):
+    """Through a padded V the gradients are the packed V's, scattered to the kept columns;
+    the padding columns get none. q, k and v are views of one qkv row, as the pruned
+    attention makes them, and the Triton path against the reference in fp32."""
+    B, H, N, D = 2, 3, 13, 16
+    widths = (16, 0, 5)
+    qkv = make_qkv(B, N, H, D, (D,) * H, dtype)
+    dout = torch.randn(B, N, sum(widths)).to(dtype)
+    with vtp_kernels.use_backend("triton"), poison_outputs():
+        out = vtp_kernels.packed_attention(*split_qkv(qkv, H, D), widths, v_padded=True)
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+    qkv32 = qkv.detach().float().requires_grad_()
+    want = reference.packed_attention(*split_qkv(qkv32, H, D), widths, v_padded=True)
+    (want_grad,) = torch.autograd.grad(want, qkv32, dout.float())
+    tol = TOL[dtype]
+    assert_rel(out, want, tol, "out")
+    for name, got, ref in zip("qkv", split_qkv(grad, H, D), split_qkv(want_grad, H, D)):
+        assert_rel(got, ref, tol, f"d{name}")
+    padding = torch.ones(H * D, dtype=torch.bool)
+    padding[reference.padded_value_columns(widths, D, torch.device("cpu"))] = False
+    assert torch.count_nonzero(split_qkv(grad, H, D)[2][..., padding]) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("B,N,widths", [(0, 5, (3, 4)), (2, 0, (3, 4)), (2, 5, (0, 0))],
+                         ids=["no-batch", "no-tokens", "no-values"])
+def test_empty_inputs(backend, B, N, widths):
+    """An empty batch, no tokens or no value kept anywhere: an empty output of the right
+    shape and dtype, and zero gradients, on every backend."""
+    H, D = 2, 8
+    q, k = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, N, sum(widths), requires_grad=True)
+    with vtp_kernels.use_backend(backend):
+        out = vtp_kernels.packed_attention(q, k, v, widths)
+    assert out.shape == (B, N, sum(widths)) and out.dtype == q.dtype
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    for t, g in zip((q, k, v), grads):
+        assert g is None or (g.shape == t.shape and torch.count_nonzero(g) == 0)

@@ -313,10 +313,11 @@ def _attn_bwd_dq(
     QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per query block: dQ = dS K · scale, over all key blocks."""
+    """One program per query block: dQ = dS K · scale, over all key blocks (v_total: the
+    shared launch arguments; dQ never needs it)."""
     stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
-    stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
+    stride_vb, stride_vn = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN)
     stride_dob, stride_don = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)

@@ -95,7 +95,7 @@ def packed_attention(
     if scale is None:
         scale = D ** -0.5
     if total == 0:
-        return v.new_zeros(B, N, 0)
+        return v[..., :0].clone()  # empty, but in the graph as the kernel's output is
     width = max(D, max(widths))
     # Every head at the full width: packed and padded are one layout, nothing to move.
     cols = None if widths == [width] * H else padded_value_columns(tuple(widths), width, v.device)
