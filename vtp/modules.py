@@ -249,7 +249,45 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-class PrunedAttention(_NotScriptable, nn.Module):
+class _KeptHeads:
+    """The heads a pruned attention keeps: their value widths and layout in the qkv rows,
+    and which of the dense model's heads they were (for biases and masks given over all of
+    them). Shared by ``PrunedAttention`` and ``PrunedParallelBlock``."""
+
+    def _init_heads(self, head_dim: int, v_widths: Sequence[int], v_layout: str,
+                    kept_heads: Optional[Sequence[int]], dense_heads: Optional[int], device) -> None:
+        v_widths = tuple(int(w) for w in v_widths)
+        if v_layout not in V_LAYOUTS:
+            raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
+        if v_layout == "padded" and v_widths and max(v_widths) > head_dim:
+            raise ValueError(f"v_widths: a padded V holds at most head_dim={head_dim} values per head")
+        self.v_layout = v_layout
+        self.num_heads = len(v_widths)
+        self.head_dim = head_dim
+        self.v_widths = v_widths
+        self.qk_dim = self.num_heads * head_dim
+        self.v_dim = sum(v_widths)
+        self.v_rows = self.qk_dim if v_layout == "padded" else self.v_dim  # qkv's value rows
+        kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
+        if len(kept_heads) != self.num_heads:
+            raise ValueError(f"kept_heads: expected {self.num_heads} head indices, got {len(kept_heads)}")
+        self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
+        self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
+                             persistent=False)
+
+    def value_rows(self) -> torch.Tensor:
+        """Where each kept value dim sits among qkv's V rows (packed: in order; padded: the
+        first ``v_widths[h]`` of head ``h``'s ``head_dim`` rows)."""
+        if self.v_layout == "packed":
+            return torch.arange(self.v_dim)
+        return vtp_kernels.reference.padded_value_columns(self.v_widths, self.head_dim, torch.device("cpu"))
+
+    def _heads_repr(self) -> str:
+        layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{layout}"
+
+
+class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
     """Multi-head self-attention whose heads keep different numbers of value dims.
 
     ``qkv`` emits ``[Q of every head | K of every head | V packed head by head]``:
@@ -290,26 +328,11 @@ class PrunedAttention(_NotScriptable, nn.Module):
         v_widths = tuple(int(w) for w in v_widths)
         if not v_widths or min(v_widths) < 1:
             raise ValueError(f"v_widths: expected one positive width per kept head, got {v_widths}")
-        if v_layout not in V_LAYOUTS:
-            raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
-        if v_layout == "padded" and max(v_widths) > head_dim:
-            raise ValueError(f"v_widths: a padded V holds at most head_dim={head_dim} values per head")
-        self.v_layout = v_layout
-        self.num_heads = len(v_widths)
-        self.head_dim = head_dim
-        self.v_widths = v_widths
-        self.qk_dim = self.num_heads * head_dim
-        self.v_dim = sum(v_widths)
+        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device)
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.rope_prefix_tokens = rope_prefix_tokens
         self.rotate_half = rotate_half
         dd = {"device": device, "dtype": dtype}
-        kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
-        if len(kept_heads) != self.num_heads:
-            raise ValueError(f"kept_heads: expected {self.num_heads} head indices, got {len(kept_heads)}")
-        self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
-        self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
-                             persistent=False)
         if in_index is not None:
             in_index = _check_index(in_index, in_features)
             self.register_buffer("in_index", in_index.to(device) if device is not None else in_index)
@@ -317,7 +340,6 @@ class PrunedAttention(_NotScriptable, nn.Module):
         else:
             self.in_index = None
             width = in_features
-        self.v_rows = self.qk_dim if v_layout == "padded" else self.v_dim
         self.qkv = nn.Linear(width, 2 * self.qk_dim + self.v_rows, bias=qkv_bias, **dd)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
@@ -370,20 +392,12 @@ class PrunedAttention(_NotScriptable, nn.Module):
         out = self.proj_drop(self.proj(out))
         return out.view(B, *spatial, -1) if spatial is not None else out
 
-    def value_rows(self) -> torch.Tensor:
-        """Where each kept value dim sits among qkv's V rows (packed: in order; padded: the
-        first ``v_widths[h]`` of head ``h``'s ``head_dim`` rows)."""
-        if self.v_layout == "packed":
-            return torch.arange(self.v_dim)
-        return vtp_kernels.reference.padded_value_columns(self.v_widths, self.head_dim, torch.device("cpu"))
-
     def extra_repr(self) -> str:
         rope = f", rope after {self.rope_prefix_tokens} tokens" if self.rope_prefix_tokens is not None else ""
-        layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{layout}{rope}"
+        return self._heads_repr() + rope
 
 
-class PrunedParallelBlock(_NotScriptable, nn.Module):
+class PrunedParallelBlock(_KeptHeads, _NotScriptable, nn.Module):
     """timm's ``ParallelScalingBlock`` after pruning: one input projection computes the MLP's
     kept hidden features and the attention's queries, keys and packed values; the two output
     projections read what each kept. A part left with nothing (no value dim, no hidden
@@ -399,23 +413,11 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
                  v_layout: str = "packed", kept_heads: Optional[Sequence[int]] = None,
                  dense_heads: Optional[int] = None, device=None, dtype=None):
         super().__init__()
-        if v_layout not in V_LAYOUTS:
-            raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
+        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device)
         dd = {"device": device, "dtype": dtype}
-        self.v_layout = v_layout
-        self.v_widths = tuple(int(w) for w in v_widths)
-        self.num_heads = len(self.v_widths)
-        self.head_dim = head_dim
-        self.qk_dim = self.num_heads * head_dim
-        self.v_dim = sum(self.v_widths)
         self.mlp_hidden = mlp_hidden
         self.scale = scale
-        kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
-        self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
-        self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
-                             persistent=False)
-        self.in_split = [mlp_hidden, self.qk_dim, self.qk_dim,
-                         self.qk_dim if v_layout == "padded" else self.v_dim]
+        self.in_split = [mlp_hidden, self.qk_dim, self.qk_dim, self.v_rows]
         self.in_norm = in_norm
         self.in_proj = nn.Linear(in_features, sum(self.in_split), bias=in_proj_bias, **dd)
         self.mlp_bias = nn.Parameter(torch.zeros(mlp_hidden, **dd)) if mlp_bias and mlp_hidden else None
@@ -451,12 +453,8 @@ class PrunedParallelBlock(_NotScriptable, nn.Module):
             y = y.expand_as(x).contiguous()
         return x + self.drop_path(self.ls(y))
 
-    value_rows = PrunedAttention.value_rows
-
     def extra_repr(self) -> str:
-        layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}, " \
-               f"mlp_hidden={self.mlp_hidden}{layout}"
+        return f"{self._heads_repr()}, mlp_hidden={self.mlp_hidden}"
 
 
 class ConstantBranch(_NotScriptable, nn.Module):

@@ -106,6 +106,7 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True, layout: str = 
             if replacement is not None:  # a whole block made anew
                 replacement.train(branch.host.training)
                 pruned.blocks[int(branch.name.split(".")[1])] = replacement
+                continue
             for m in branch.host.modules():  # the modules pruning made take the block's mode
                 if m not in before:
                     m.training = branch.host.training
