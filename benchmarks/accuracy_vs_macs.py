@@ -167,8 +167,9 @@ class Work:
     def model(self, name: str, make: Callable[[], Tuple[torch.nn.Module, Dict[str, Any]]]):
         """The model saved as `name`, or made by `make()` (model, metadata) and saved."""
         directory = os.path.join(self.path, name)
-        if is_model_dir(directory) and read_config(directory).metadata.get("settings") == self.key:
-            return vtp.load(directory), dict(read_config(directory).metadata)
+        saved = read_config(directory).metadata if is_model_dir(directory) else {}
+        if saved.get("settings") == self.key:
+            return vtp.load(directory), dict(saved)
         model, meta = make()
         vtp.save(model, directory, metadata={**meta, "settings": self.key})
         return model, meta
@@ -189,10 +190,15 @@ def run_dataset(name: str, args, work: Work, bar) -> Dict[str, Any]:
 
     t0 = time.perf_counter()
     dense, meta = work.model(f"dense_{name}", make_dense)
-    dense_macs = vtp.profile(dense, size).macs
+    dense_profile = vtp.profile(dense, size)
+    dense_macs = dense_profile.macs
     info = {"dense_acc": meta["test_acc"], "dense_macs": dense_macs,
-            "dense_params": vtp.profile(dense, size).params, "train_images": len(train_data[1]),
+            "dense_params": dense_profile.params, "train_images": len(train_data[1]),
             "test_images": len(test_data[1]), "img_size": list(size)}
+    ones = vtp.add_gates(copy.deepcopy(dense))  # gates at 1: the dense model, scored by its weights
+    # The same for every seed: the dense model's weights decide them.
+    magnitude = {budget: vtp.plan(ones, flops_target=budget, img_size=size, scores=magnitude_scores(ones))
+                 for budget in args.budgets} if "magnitude" in args.methods else {}
     for seed in args.seeds:
         def make_gated():
             model = vtp.add_gates(copy.deepcopy(dense))
@@ -203,14 +209,14 @@ def run_dataset(name: str, args, work: Work, bar) -> Dict[str, Any]:
 
         gated, gated_meta = work.model(f"gated_{name}_seed{seed}", make_gated)
         info.setdefault("gated_acc", {})[str(seed)] = gated_meta["test_acc"]
-        ones = vtp.add_gates(copy.deepcopy(dense))  # gates at 1: the dense model, scored by its weights
         for budget in args.budgets:
-            plans = {
-                "vtp": vtp.plan(gated, flops_target=budget, img_size=size),
-                "magnitude": vtp.plan(ones, flops_target=budget, img_size=size, scores=magnitude_scores(ones)),
-                "random": vtp.plan(ones, flops_target=budget, img_size=size, scores=random_scores(ones, seed)),
-            }
-            plans["scratch"] = plans["vtp"]
+            plans = {}
+            if {"vtp", "scratch"} & set(args.methods):  # scratch trains VTP's shape afresh
+                plans["vtp"] = plans["scratch"] = vtp.plan(gated, flops_target=budget, img_size=size)
+            if "magnitude" in args.methods:
+                plans["magnitude"] = magnitude[budget]
+            if "random" in args.methods:
+                plans["random"] = vtp.plan(ones, flops_target=budget, img_size=size, scores=random_scores(ones, seed))
             for method in args.methods:
                 for distilled in args.distill:
                     key = dict(dataset=name, seed=seed, budget=budget, method=method, distill=distilled)

@@ -249,7 +249,7 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
         else:
             common.save_record(record, stem, plot_fn)
 
-    def run(model_name, label, model, backend, compiled, mode, extra):
+    def run(model_name, label, model, backend, compiled, mode, extra, dense_row=None):
         if compiled:
             torch._dynamo.reset()  # fresh caches: no recompile limit, no shapes marked dynamic
         try:
@@ -260,8 +260,13 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
             res = {"error": f"{type(e).__name__}: {e}"}
         row = {"model": model_name, "variant": label, "backend": backend, "compile": compiled, "mode": mode,
                "batch": args.batch, **extra, **res}
+        if dense_row is not None and "median_ms" in row and "median_ms" in dense_row:
+            row["speedup_vs_dense"] = dense_row["median_ms"] / row["median_ms"]
         record["results"].append(row)
         print(format_row(row), flush=True)
+        if "speedup_vs_dense" in row:
+            print(f"{'':>55}speed-up {row['speedup_vs_dense']:.2f}x at "
+                  f"MACs x{1 / extra['macs_ratio']:.2f} fewer", flush=True)
         save()
         return row
 
@@ -300,12 +305,7 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
                 base = run(model_name, "dense", dense, None, compiled, mode, dense_extra)
                 for label, small, extra in pruned:
                     for backend in args.backends:
-                        row = run(model_name, label, small, backend, compiled, mode, extra)
-                        if "median_ms" in row and "median_ms" in base:
-                            row["speedup_vs_dense"] = base["median_ms"] / row["median_ms"]
-                            save()
-                            print(f"{'':>55}speed-up {row['speedup_vs_dense']:.2f}x at "
-                                  f"MACs x{1 / extra['macs_ratio']:.2f} fewer", flush=True)
+                        run(model_name, label, small, backend, compiled, mode, extra, dense_row=base)
         del dense, pruned
         if device.type == "cuda":
             torch.cuda.empty_cache()

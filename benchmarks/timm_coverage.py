@@ -41,6 +41,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vtp  # noqa: E402
+from vtp.architectures import head_dim as model_head_dim  # noqa: E402
 from vtp.app.tables import format_table  # noqa: E402
 from vtp.atomic import write_json  # noqa: E402
 
@@ -107,7 +108,7 @@ def randomize(model, seed: int = 0) -> None:
     """Gate values in (0.05, 1.05) with about a tenth exactly zero; the first head of block 0
     (every value dim of it: the head goes) and the MLP hidden features of block 1 all zero."""
     g = torch.Generator().manual_seed(seed)
-    head_dim = vtp.plan(model, ratio=0.0).head_dim
+    head_dim = model_head_dim(model)
     with torch.no_grad():
         for name, gate in vtp.gates(model).items():
             values = torch.rand(gate.shape, generator=g, dtype=torch.float64) + 0.05
