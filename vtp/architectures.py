@@ -145,7 +145,7 @@ def _check_attention(attn: nn.Module, where: str) -> None:
 def _check_mlp(mlp: nn.Module, where: str) -> None:
     if type(mlp) not in MLPS:
         raise TypeError(f"{where}: VTP prunes timm's Mlp, GluMlp and SwiGLU, got {type(mlp).__name__}")
-    if not isinstance(mlp.fc1 if hasattr(mlp, "fc1") else mlp.fc1_x, nn.Linear):
+    if not all(isinstance(getattr(mlp, name), nn.Linear) for name in mlp_input_names(mlp)):
         raise TypeError(f"{where}: VTP prunes MLPs of linear layers, not 1x1 convolutions")
     _check_norm(mlp.norm, f"{where}.norm")
 
@@ -201,6 +201,11 @@ def drop_path_slots(block: nn.Module) -> List[Tuple[nn.Module, str]]:
     return [(block, n) for n in names]
 
 
+def mlp_input_names(mlp: nn.Module) -> List[str]:
+    """The linears of an MLP that read its input: fc1, or a SwiGLU's two halves."""
+    return ["fc1"] if hasattr(mlp, "fc1") else ["fc1_g", "fc1_x"]
+
+
 def attention_input_names(attn: nn.Module) -> List[str]:
     """The linears of an attention module that read its input: the fused or separate
     q/k/v projections, and the output gate of gated attention."""
@@ -222,7 +227,7 @@ def site_linears(branch: Branch, site: str) -> List[Tuple[nn.Module, str]]:
     if site == "attn_out":
         return [(core, "proj")]
     if site == "mlp_in":
-        return [(core, name) for name in (("fc1",) if hasattr(core, "fc1") else ("fc1_g", "fc1_x"))]
+        return [(core, name) for name in mlp_input_names(core)]
     if site == "mlp_hidden":
         return [(core, "fc2")]
     raise ValueError(f"site: expected one of {SITES}, got {site!r}")

@@ -133,14 +133,21 @@ COMMON = (
 )
 
 
+def _layer_scale(model) -> Optional[float]:
+    """1.0 where the blocks scale their branches (the value is a weight, loaded later)."""
+    block = model.blocks[0]
+    scale = getattr(block, "ls1", None)
+    present = isinstance(scale, LayerScale) or getattr(block, "gamma_1", None) is not None
+    return 1.0 if present else None
+
+
 VIT = COMMON + (
     Arg("pool_include_prefix", _attr("pool_include_prefix", bool), "bool"),
     Arg("qk_norm", lambda m: not isinstance(getattr(m.blocks[0].attn, "q_norm", nn.Identity()), nn.Identity)
         if hasattr(m.blocks[0], "attn") else None, "bool"),
     Arg("proj_bias", lambda m: m.blocks[0].attn.proj.bias is not None if hasattr(m.blocks[0], "attn") else None,
         "bool"),
-    Arg("init_values", lambda m: 1.0 if isinstance(getattr(m.blocks[0], "ls1", None), LayerScale) else None,
-        "optional_float"),
+    Arg("init_values", _layer_scale, "optional_float"),
     Arg("class_token", lambda m: m.cls_token is not None, "bool"),
     Arg("reg_tokens", _attr("num_reg_tokens", int), "int"),
     Arg("no_embed_class", _attr("no_embed_class", bool), "bool"),
@@ -159,14 +166,6 @@ VIT = COMMON + (
     Arg("patch_drop_rate", lambda m: float(m.patch_drop.prob) if isinstance(m.patch_drop, PatchDropout) else 0.0,
         "float"),
 )
-
-def _layer_scale(model) -> Optional[float]:
-    """1.0 where the blocks scale their branches (the value is a weight, loaded later)."""
-    block = model.blocks[0]
-    scale = getattr(block, "ls1", None)
-    present = isinstance(scale, LayerScale) or getattr(block, "gamma_1", None) is not None
-    return 1.0 if present else None
-
 
 def _attention(model):
     branch = _first(model, ("attn",))
