@@ -19,9 +19,13 @@ __all__ = ["atomic_write", "write_text", "write_json", "replace_directory", "rec
 PathLike = Union[str, os.PathLike]
 
 
+def _sibling_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-"
+
+
 def _temporary_sibling(path: Path, kind: str) -> Path:
     # Unique per call, not only per process: two threads of one process may write siblings.
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.parent / f"{_sibling_prefix(path, kind)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _fsync_path(path: Path) -> None:
@@ -75,7 +79,7 @@ def recover_directory(path: PathLike) -> bool:
     target = Path(path)
     if target.exists() or not target.parent.is_dir():
         return False
-    orphans = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    orphans = sorted(target.parent.glob(_sibling_prefix(target, "old") + "*"), key=lambda p: p.stat().st_mtime)
     if not orphans:
         return False
     os.rename(orphans[-1], target)
