@@ -167,7 +167,7 @@ def precheck(args: argparse.Namespace, need_train: bool) -> None:
     if checkpoint and os.path.isdir(checkpoint) and not is_model_dir(checkpoint):
         raise VTPError(f"--checkpoint {checkpoint}: a directory must be written by vtp.save")
     pretrained_path = getattr(args, "pretrained_path", None)
-    if checkpoint and (getattr(args, "pretrained", False) or pretrained_path):
+    if checkpoint and models.starts_pretrained(args):
         raise VTPError("--checkpoint and --pretrained both give the starting weights: pass one")
     if pretrained_path and not os.path.isfile(pretrained_path):
         raise VTPError(f"--pretrained-path not found: {pretrained_path}")
@@ -195,7 +195,7 @@ def check_trained_start(args: argparse.Namespace) -> None:
     predict these classes, or one trained by the run's own dense stage (--train-epochs)."""
     if args.train_epochs > 0:
         return
-    pretrained = args.pretrained or bool(args.pretrained_path)
+    pretrained = models.starts_pretrained(args)
     how = ("pass --checkpoint PATH (a trained timm checkpoint file, or a model directory "
            "written by `vtp train` or vtp.save), or add --train-epochs N to train the dense "
            "model in this run first (what `vtp train` does)")
@@ -342,7 +342,7 @@ def dense_model(args, num_classes: int):
     torch.manual_seed(args.seed)  # same initial weights in every process
     kwargs = model_kwargs_from_args(args)
     pretrained_path = getattr(args, "pretrained_path", None)
-    pretrained = getattr(args, "pretrained", False) or bool(pretrained_path)
+    pretrained = models.starts_pretrained(args)
     model = models.create_dense_model(args.model, num_classes, kwargs, drop_path=0.0,
                                       pretrained=pretrained, pretrained_path=pretrained_path)
     metadata: Dict[str, Any] = {}
@@ -411,7 +411,7 @@ def _train(args, ctx: Context, cfg: train.TrainConfig, model, train_ds, val_ds, 
 def _starting_point(args) -> str:
     if args.checkpoint:
         return f"from {args.checkpoint}"
-    if getattr(args, "pretrained", False) or getattr(args, "pretrained_path", None):
+    if models.starts_pretrained(args):
         return f"from timm's pretrained weights{f' ({args.pretrained_path})' if args.pretrained_path else ''}"
     return "from random weights"
 

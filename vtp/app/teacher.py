@@ -51,7 +51,7 @@ def dense_record(args, num_classes: int, model_kwargs: Dict[str, Any],
     return {
         "model": args.model, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-        "pretrained": bool(getattr(args, "pretrained", False) or pretrained_path),
+        "pretrained": models.starts_pretrained(args),
         "pretrained_path": os.path.abspath(pretrained_path) if pretrained_path else None,
         # A classifier started afresh knows nothing of the classes: no teacher.
         "head_reset": bool(head_reset),
