@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     import torch.nn.functional as F
 
     from vtp_kernels import reference
-    from vtp_kernels.gated_linear import gated_linear_triton
+    from vtp_kernels._gated_linear import gated_linear_triton
 
     device_name = common.device_name(torch, device) + (", TRITON_INTERPRET=1" if args.smoke else "")
     dtype = getattr(torch, common.DTYPES[args.dtype])

@@ -65,7 +65,7 @@ def main(argv=None) -> Dict[str, object]:
     import torch.nn.functional as F
 
     from vtp_kernels import reference
-    from vtp_kernels.layer_norm_gather import layer_norm_gather_triton
+    from vtp_kernels._layer_norm_gather import layer_norm_gather_triton
 
     dtype = getattr(torch, common.DTYPES[args.dtype])
     M, D = args.batch * args.tokens, args.dim

@@ -106,7 +106,7 @@ def split_qkv(qkv, heads: int, head_dim: int):
 
 def run_model(torch, F, args, name: str, device, dtype, timer, generator) -> Tuple[Dict, List[Dict]]:
     from vtp_kernels import reference
-    from vtp_kernels.packed_attention import packed_attention_triton
+    from vtp_kernels._packed_attention import packed_attention_triton
 
     heads, D, B, N = MODELS[name], args.head_dim, args.batch, args.tokens
     widths_all = pruned_widths(torch, heads, D, args.prune, args.dropped_heads, args.round_to, generator)

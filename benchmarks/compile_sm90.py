@@ -112,9 +112,9 @@ def install_sm90_driver(arch: int = 90):
 def scenarios(torch) -> Dict[str, Callable[[], None]]:
     import importlib
 
-    gl = importlib.import_module("vtp_kernels.gated_linear")
-    ln = importlib.import_module("vtp_kernels.layer_norm_gather")
-    pa = importlib.import_module("vtp_kernels.packed_attention")
+    gl = importlib.import_module("vtp_kernels._gated_linear")
+    ln = importlib.import_module("vtp_kernels._layer_norm_gather")
+    pa = importlib.import_module("vtp_kernels._packed_attention")
     B, N, C = 16, 197, 768   # 16 x 197 rows keep M divisible by 16, as at batch 256
     bf16 = torch.bfloat16
 

@@ -487,9 +487,9 @@ def run_case(step: Step, c: Dict[str, object]) -> Dict[str, object]:
     torch = step.torch
     from vtp_kernels import reference
     from vtp_kernels._utils import poison_outputs
-    from vtp_kernels.gated_linear import gated_linear_triton
-    from vtp_kernels.layer_norm_gather import layer_norm_gather_triton
-    from vtp_kernels.packed_attention import packed_attention_triton
+    from vtp_kernels._gated_linear import gated_linear_triton
+    from vtp_kernels._layer_norm_gather import layer_norm_gather_triton
+    from vtp_kernels._packed_attention import packed_attention_triton
 
     op, p, dtype = c["op"], c["params"], step.dtype(c["dtype"])
     tensors = INPUTS[op](torch, step.device, dtype, p)
@@ -554,7 +554,7 @@ def compile_case(torch, c: Dict[str, object]) -> None:
     op, p = c["op"], c["params"]
     dtype = getattr(torch, common.DTYPES[c["dtype"]])
     tensors = INPUTS[op](torch, torch.device("cpu"), dtype, p, empty=True)
-    module = importlib.import_module(f"vtp_kernels.{op}")
+    module = importlib.import_module(f"vtp_kernels._{op}")
     if op == "gated_linear":
         _, w, a, _, _ = tensors
         module._scale_weight(w, a, dtype)
@@ -600,7 +600,7 @@ def compile_jobs(smoke: bool) -> List[Dict[str, object]]:
     def cost(c):  # fp32 dots compile to long FMA code; attention kernels are the big ones
         return (8 if c["dtype"] == "fp32" else 2) if c["op"] == "packed_attention" else 1
     # Attention's autotuned kernels have several configs each: one job per config index.
-    attention = importlib.import_module("vtp_kernels.packed_attention")
+    attention = importlib.import_module("vtp_kernels._packed_attention")
     attention_configs = range(max(len(k.configs) for k in autotuners(attention).values()))
     jobs = [{"what": f"pruned round_to={r} layer_norm_gather", "configs": "kept", "round_to": r,
              "pruned_op": "layer_norm_gather", "cost": 4} for r in (1, 8)]
@@ -756,7 +756,7 @@ def step_configs(step: Step) -> None:
 
 def step_correctness(step: Step) -> None:
     rec = step.record
-    modules = [importlib.import_module(f"vtp_kernels.{op}") for op in ("layer_norm_gather", "packed_attention")]
+    modules = [importlib.import_module(f"vtp_kernels._{op}") for op in ("layer_norm_gather", "packed_attention")]
     # The first config of every autotuned kernel: the configs step ran each of them, and the
     # ops step checks the tuned choice at batch 256 before it times it.
     with only_configs({k: k.configs[0] for m in modules for k in autotuners(m).values()}):
@@ -838,9 +838,9 @@ def step_ops(step: Step) -> None:
     torch = step.torch
     import torch.nn.functional as F
     from vtp_kernels import reference
-    from vtp_kernels.gated_linear import gated_linear_triton
-    from vtp_kernels.layer_norm_gather import layer_norm_gather_triton
-    from vtp_kernels.packed_attention import packed_attention_triton
+    from vtp_kernels._gated_linear import gated_linear_triton
+    from vtp_kernels._layer_norm_gather import layer_norm_gather_triton
+    from vtp_kernels._packed_attention import packed_attention_triton
 
     rec, d = step.record, step.device
     compile_backend = "aot_eager" if step.smoke else "inductor"
@@ -1092,7 +1092,7 @@ def step_pruned(step: Step) -> None:
         del small
     # Distinct autotuning keys per kernel after both plans: bucketed keys keep this small.
     rec["autotune_keys"] = {f"{op}.{name}": len(k.cache) for op in ("layer_norm_gather", "packed_attention")
-                            for name, k in autotuners(importlib.import_module(f"vtp_kernels.{op}")).items()}
+                            for name, k in autotuners(importlib.import_module(f"vtp_kernels._{op}")).items()}
 
 
 STEP_FUNCTIONS = {"environment": step_environment, "compile": step_compile, "configs": step_configs,

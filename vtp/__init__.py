@@ -9,14 +9,14 @@
     vtp.save(small, "out/"); small = vtp.load("out/")
     print(vtp.profile(small))                     # params and multiply-adds
 """
-from .gates import SITES, add_gates, gate_stats, gate_values, gates, l1_penalty, param_groups
-from .export import export
+from ._gates import SITES, add_gates, gate_stats, gate_values, gates, l1_penalty, param_groups
+from ._export import export
 from .io import load, read_config, save
 from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, KeptRmsNorm, PrunedAttention
-from .plan import PruningPlan
-from .planner import plan
-from .profile import Profile, profile
-from .prune import prune
+from .pruning_plan import PruningPlan
+from ._plan import plan
+from ._profile import Profile, profile
+from ._prune import prune
 
 __version__ = "0.1.0"
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 
 from .atomic import recover_directory, replace_directory, write_json
-from .gates import SITES, add_gates, gates
+from ._gates import SITES, add_gates, gates
 from .modules import V_LAYOUTS
-from .plan import PruningPlan
-from .prune import prune
+from .pruning_plan import PruningPlan
+from ._prune import prune
 from .rebuild import build, describe, read_drop_path_rate
 
 __all__ = ["save", "load", "read_config", "is_model_dir", "check_saveable", "SavedConfig", "build_model"]

@@ -31,7 +31,7 @@ from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
 from .architectures import branches, drop_path_slots
-from .profile import default_img_size, input_channels
+from ._profile import default_img_size, input_channels
 
 __all__ = ["describe", "build", "read_drop_path_rate", "CLASSES"]
 

@@ -13,12 +13,12 @@ import torch
 from . import reference
 from .backend import BACKENDS, get_backend, set_backend, triton_available, use_backend, use_triton
 
-# The kernel modules are named after their ops. Import them before the public functions
-# are defined: importing a submodule later would rebind ``vtp_kernels.<op>`` to the module.
+# The kernel modules are ``_<op>.py``: no submodule shares a name with the public function
+# it implements, so importing one never rebinds ``vtp_kernels.<op>``.
 if triton_available():
-    from .gated_linear import gated_linear_triton
-    from .layer_norm_gather import layer_norm_gather_triton
-    from .packed_attention import packed_attention_triton
+    from ._gated_linear import gated_linear_triton
+    from ._layer_norm_gather import layer_norm_gather_triton
+    from ._packed_attention import packed_attention_triton
 
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend",

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from vtp import add_gates, gates, l1_penalty, param_groups, plan, profile, prune, save
 from vtp.atomic import write_json
-from vtp.planner import DEFAULT_ROUND_TO
+from vtp._plan import DEFAULT_ROUND_TO
 
 from .data import eval_loader
 from .distill import Distiller

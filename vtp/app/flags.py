@@ -19,8 +19,8 @@ import yaml
 
 from vtp.atomic import atomic_write
 from vtp.modules import V_LAYOUTS
-from vtp.planner import DEFAULT_ROUND_TO
-from vtp.prune import DEFAULT_V_LAYOUT
+from vtp._plan import DEFAULT_ROUND_TO
+from vtp._prune import DEFAULT_V_LAYOUT
 
 from .distill import DISTILL_KINDS
 from .errors import VTPError

@@ -22,9 +22,9 @@ from timm.data import resolve_model_data_config
 import vtp
 import vtp_kernels
 from vtp.atomic import write_json
-from vtp.export import OnnxRuntimeModel
+from vtp._export import OnnxRuntimeModel
 from vtp.io import check_saveable, is_model_dir, read_config
-from vtp.profile import check_img_size, default_img_size, input_channels
+from vtp._profile import check_img_size, default_img_size, input_channels
 
 from . import data, distributed, models, train
 from .checkpoint import checkpoint_path

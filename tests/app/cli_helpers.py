@@ -9,24 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A 2-block ViT of width 32 on 32x32 images (16 patches): a training step costs milliseconds.
 TINY_MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8",
               "--embed-dim", "32", "--depth", "2", "--num-heads", "2"]
 # Fast and quiet: no worker processes (exact resume), no bars, tiny benchmark.
 FAST = ["--workers", "0", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_dir(tmp_path, monkeypatch):
-    """A command run without --output writes runs/...; keep that out of the checkout."""
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 def make_image_folder(root: Path, classes: int = 4, train_per_class: int = 8,

@@ -19,7 +19,7 @@ from vit_variants import masked_copy_gates
 
 # The zoo survey's own perturbation and gates (a dead head, a dead MLP): one definition.
 _SPEC = importlib.util.spec_from_file_location(
-    "timm_coverage", Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py")
+    "timm_coverage", Path(__file__).resolve().parents[2] / "benchmarks" / "timm_coverage.py")
 coverage = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(coverage)
 

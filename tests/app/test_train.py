@@ -14,7 +14,6 @@ from vtp.app import random as vtp_random
 from vtp.app.errors import VTPError
 
 from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, flags, state_dict_of
-from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 
 def _sparse_argv(data_dir, out, *extra):

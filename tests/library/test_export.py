@@ -1,14 +1,12 @@
 """Gated and pruned models leave PyTorch: ONNX (through ONNX Runtime), torch.export files,
 torch.jit.trace and torch.compile give the eager model's outputs; torch.jit.script says what
 to use instead."""
-import importlib
-
 import pytest
 import torch
 
 import vtp
 
-vtp_export = importlib.import_module("vtp.export")  # the module, not the vtp.export function
+from vtp import _export as vtp_export
 from vit_variants import make_vit, randomize_gates
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtp
-from vtp.planner import plan_macs
+from vtp._plan import plan_macs
 from vit_variants import VARIANTS, make_vit, masked_copy_gates, randomize_gates
 
 

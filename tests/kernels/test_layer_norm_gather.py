@@ -174,14 +174,14 @@ def test_torch_compile_fullgraph():
 def test_autotuning_is_keyed_on_padded_widths():
     # A pruned model keeps a different k in nearly every block; keyed on the padded widths,
     # a DeiT-B plan tunes a few buckets instead of one key per block.
-    kernels = importlib.import_module("vtp_kernels.layer_norm_gather")
+    kernels = importlib.import_module("vtp_kernels._layer_norm_gather")
     assert kernels._layer_norm_gather_fwd_kernel.keys == ["BLOCK_D", "BLOCK_K"]
     assert kernels._layer_norm_gather_bwd_kernel.keys == ["BLOCK_D"]
 
 
 def test_backward_configs_that_would_spill_are_pruned():
     # Compiled for sm_90 at D = 768, the backward spills beyond 16 tile elements per thread.
-    kernels = importlib.import_module("vtp_kernels.layer_norm_gather")
+    kernels = importlib.import_module("vtp_kernels._layer_norm_gather")
     configs = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8)]
     kept = kernels._prune_bwd_configs(configs, {"D": 768})
     assert {(c.kwargs["BLOCK_M"], c.num_warps) for c in kept} == {(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)}
@@ -191,8 +191,8 @@ def test_backward_configs_that_would_spill_are_pruned():
 
 
 def test_public_op_survives_kernel_import():
-    # Importing the submodule vtp_kernels/layer_norm_gather.py binds the package attribute of
-    # the same name to the module, replacing the public function after the first triton call.
+    # The kernel module is vtp_kernels/_layer_norm_gather.py: importing it on the first triton
+    # call must leave the public function bound to the package's name.
     # Checked in a fresh interpreter: in this process the module is imported already.
     code = (
         "import torch, vtp_kernels\n"
@@ -206,7 +206,7 @@ def test_public_op_survives_kernel_import():
 
 
 # --- the benchmark script's CPU smoke mode ---------------------------------------------
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_layer_norm_gather.py")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_layer_norm_gather.py")
 
 
 def _load_bench():

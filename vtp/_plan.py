@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from .architectures import head_dim as model_head_dim
-from .gates import check_supported, require_gates
-from .plan import PruningPlan
-from .profile import profile
-from .prune import prune, structure_copy
+from ._gates import check_supported, require_gates
+from .pruning_plan import PruningPlan
+from ._profile import profile
+from ._prune import prune, structure_copy
 
 __all__ = ["plan", "plan_macs", "DEFAULT_ROUND_TO"]
 

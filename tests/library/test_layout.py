@@ -1,9 +1,10 @@
 """The package's layout rules, checked on the source: the library never imports the
 application, there is no import cycle, and no function hides an import of the project."""
+import importlib
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "import_graph.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "import_graph.py"
 
 
 def _import_graph_module():
@@ -28,3 +29,18 @@ def test_the_checks_catch_what_they_look_for():
     assert found == ["library module vtp.io imports the application (vtp.app.cli)",
                      "kernel module vtp_kernels.reference imports the model library (vtp.prune)",
                      "import inside a function: vtp.io.save: from vtp import prune"]
+
+
+def test_no_module_is_named_after_a_public_function_of_its_package():
+    # The convention (as timm's _builder.py): a module that implements a public function is
+    # underscored, and the package re-exports the function, so `vtp.plan` is the function and
+    # vtp/_plan.py its code; a module of the function's own name would shadow it on import.
+    root = SCRIPT.parents[1]
+    for package in ("vtp", "vtp_kernels"):
+        module = importlib.import_module(package)
+        modules = {p.stem for p in (root / package).glob("*.py")} | {
+            p.name for p in (root / package).iterdir() if (p / "__init__.py").exists()}
+        public_functions = {name for name in module.__all__ if callable(getattr(module, name))
+                            and not isinstance(getattr(module, name), type)}
+        assert public_functions, package
+        assert public_functions.isdisjoint(modules), (package, public_functions & modules)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_model.py")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_model.py")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_smoke_compiled_inference(bench, tmp_path):
 # bench_gated_training.py and the pieces the benchmarks share (benchmarks/common.py)
 # ---------------------------------------------------------------------------------------
 def _load(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -146,7 +146,7 @@ def test_every_layout_of_every_input(name, layout, dtype):
 
 
 def test_alignments_the_kernels_are_promised():
-    from vtp_kernels.packed_attention import _launch_args
+    from vtp_kernels._packed_attention import _launch_args
 
     def aligns(q, k, v, widths):
         _, meta = _launch_args(q, k, v, None, widths)
@@ -216,7 +216,7 @@ def test_torch_compile_fullgraph():
 
 def test_custom_op_registrations():
     """Schema, fake tensor, autograd registration and AOT tracing of the forward op."""
-    importlib.import_module("vtp_kernels.packed_attention")  # registers the vtp:: ops
+    importlib.import_module("vtp_kernels._packed_attention")  # registers the vtp:: ops
     B, H, N, D, widths = 1, 2, 13, 16, [3, 0]
     q, k = torch.randn(2, B, H, N, D, requires_grad=True).unbind(0)
     v = torch.randn(B, N, 3, requires_grad=True)
@@ -233,7 +233,7 @@ def test_bad_shapes_raise():
 
 
 def test_benchmark_smoke(tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_packed_attention.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_packed_attention.py")
     spec = importlib.util.spec_from_file_location("bench_packed_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import vtp_kernels
 
 from .atomic import atomic_write
-from .profile import default_img_size, input_channels, size_pair
+from ._profile import default_img_size, input_channels, size_pair
 
 __all__ = ["FORMATS", "ExportCheck", "export", "onnx_session", "run_onnx", "OnnxRuntimeModel"]
 

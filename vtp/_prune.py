@@ -39,7 +39,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention
 from .architectures import Branch, attention_head_dim, attention_input_names, branches, check_supported, site_linears
 from .modules import (V_LAYOUTS, ConstantBranch, DecomposedPositionBias, GatedLinear, HeadsOfPositionBias,
                       IndexedLinear, PrunedAttention, PrunedParallelBlock, TablePositionBias, kept_norm)
-from .plan import PruningPlan
+from .pruning_plan import PruningPlan
 
 __all__ = ["prune", "PrunedFrom", "DEFAULT_V_LAYOUT"]
 

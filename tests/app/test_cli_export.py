@@ -10,7 +10,6 @@ import vtp
 from vtp.app import cli
 
 from cli_helpers import FAST, cli_error, flags
-from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 from vit_variants import randomize_gates
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
@@ -37,7 +36,7 @@ def test_export_writes_a_checked_file(pruned_dir, fmt, tmp_path, capsys):
     if fmt == "pt2":
         torch.testing.assert_close(torch.export.load(str(out)).module()(x), want, rtol=1e-6, atol=1e-6)
     else:
-        from vtp.export import onnx_session, run_onnx
+        from vtp._export import onnx_session, run_onnx
         # ONNX Runtime sums in another order: float32 ulps, far inside 1e-4 of the output scale
         torch.testing.assert_close(run_onnx(onnx_session(out), x), want, rtol=0,
                                    atol=1e-4 * max(1.0, float(want.abs().max())))

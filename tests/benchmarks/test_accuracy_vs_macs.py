@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy_vs_macs.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "accuracy_vs_macs.py")
 
 
 @pytest.fixture(scope="module")

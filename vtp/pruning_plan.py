@@ -1,7 +1,7 @@
 """``PruningPlan``: which gated dimensions survive, as pure data.
 
 A plan holds, for every gate ``blocks.{i}.{site}``, its full size and the sorted indices it
-keeps. It records how it was made (``vtp.plan``, planner.py) and round-trips through
+keeps. It records how it was made (``vtp.plan``, in _plan.py) and round-trips through
 JSON, so the same plan can prune several copies of a model, or be inspected and edited
 by hand.
 """
@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .architectures import SITES, head_dim as model_head_dim, parse_gate_name
 from .atomic import write_text
-from .gates import require_gates
+from ._gates import require_gates
 
 __all__ = ["PruningPlan"]
 

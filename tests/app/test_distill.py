@@ -16,7 +16,6 @@ from vtp.app import cli, distill, train
 from vtp.app.distributed import DistInfo
 
 from cli_helpers import FAST, TINY_MODEL, assert_same_tensors, cli_error, flags, state_dict_of
-from cli_helpers import in_tmp_dir  # noqa: F401  (fixture)
 
 
 def _tiny_vit(num_classes=3, **kwargs):

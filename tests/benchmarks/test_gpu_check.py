@@ -12,7 +12,7 @@ import pytest
 
 import vtp_kernels.backend as backend
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
 def _load(name):

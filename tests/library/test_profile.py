@@ -58,12 +58,12 @@ def test_pruned_profile_matches_its_shapes():
 def test_planner_counts_the_tokens_of_padded_dynamic_images(img_size):
     from timm.models.vision_transformer import VisionTransformer
     from vit_variants import BASE
-    from vtp.planner import plan_macs
+    from vtp._plan import plan_macs
 
     model = vtp.add_gates(VisionTransformer(**{**BASE, "dynamic_img_size": True, "dynamic_img_pad": True}))
     randomize_gates(model)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    from vtp.profile import num_tokens
+    from vtp._profile import num_tokens
     assert num_tokens(model, img_size) == -(-h // 8) * -(-w // 8) + 1
     plan = vtp.plan(model, flops_target=0.5, img_size=img_size)
     small = vtp.prune(model, plan)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_pruned_cpu.py")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_pruned_cpu.py")
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_gated_training_matches_across_backends(monkeypatch):
     assert len(vtp.gates(model)) == 2 * 4  # four sites per block
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
 
-    kernels = importlib.import_module("vtp_kernels.gated_linear")
+    kernels = importlib.import_module("vtp_kernels._gated_linear")
     calls = {"n": 0}
     scale_weight = kernels._scale_weight
 

@@ -13,7 +13,6 @@ import vtp
 from vtp.app import cli
 
 from cli_helpers import FAST, TINY_MODEL, cli_error, flags, tiny_dense_checkpoint
-from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 TRAIN = ["-b", "8", "--save-every", "0", "--log-every", "2"]
 

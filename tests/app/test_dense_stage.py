@@ -11,7 +11,6 @@ from vtp.app import cli
 
 from cli_helpers import (FAST, TINY_MODEL, assert_same_tensors, cli_error, flags, state_dict_of,
                          tiny_dense_checkpoint)
-from cli_helpers import data_dir, in_tmp_dir  # noqa: F401  (fixtures)
 
 
 def _train_argv(data_dir, out, *extra):
