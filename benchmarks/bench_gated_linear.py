@@ -6,7 +6,7 @@ Compares, forward and forward+backward:
     eager      F.linear(x * a, W, b): the gate on the activations, as written naively
     folded     F.linear(x, W * a, b): the gate on the weight (vtp_kernels.reference)
     compiled   torch.compile of the folded form
-    triton     vtp_kernels.gated_linear.gated_linear_triton
+    triton     vtp_kernels._gated_linear.gated_linear_triton
 
 Each op is first checked against the fp32 reference on the same (upcast) inputs; the
 maximum relative error of the Triton op goes into the record. Timings are
@@ -87,7 +87,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    # Before vtp_kernels.gated_linear decorates its kernels (the interpreter in --smoke mode).
+    # Before vtp_kernels._gated_linear decorates its kernels (the interpreter in --smoke mode).
     torch, device = common.setup(
         args.smoke, args.seed, "bench_gated_linear: no CUDA device; use --smoke for a CPU check of the script")
     import torch.nn.functional as F

@@ -734,7 +734,7 @@ def step_configs(step: Step) -> None:
     rec = step.record
     rec["note"] = "gated_linear has no autotuned kernel: its two N x K kernels have one fixed tile"
     for c in configs_cases(step.smoke):
-        kernels = autotuners(importlib.import_module(f"vtp_kernels.{c['op']}"))
+        kernels = autotuners(importlib.import_module(f"vtp_kernels._{c['op']}"))
         defaults = {k: k.configs[0] for k in kernels.values()}
         for kname, kernel in kernels.items():
             for i, config in enumerate(list(kernel.configs)):
