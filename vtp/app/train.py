@@ -26,12 +26,13 @@ from tqdm import tqdm
 import vtp
 
 from . import data
-from .checkpoint import checkpoint_path, restore_training_state, save_checkpoint, training_state
+from .checkpoint import (checkpoint_path, discard_interrupted_writes, has_checkpoint, kill_point,
+                         restore_training_state, save_checkpoint, training_state)
 from .distill import Distiller, set_distilled_training
 from .distributed import DistInfo, all_reduce_sum, wrap_ddp
 from .errors import VTPError
 from .evaluate import autocast, evaluate
-from .metrics import MetricsLogger, jsonable
+from .metrics import MetricsLogger, jsonable, read_metrics
 
 __all__ = ["TrainConfig", "LoopState", "create_optimizer", "create_scheduler", "train_criterion",
            "train_step", "train_one_epoch", "fit"]
@@ -266,6 +267,7 @@ def train_one_epoch(stage: _Stage, loop: LoopState, train_ds) -> bool:
         while loop.step_in_epoch < stage.steps_per_epoch:
             step_t0 = time.perf_counter()
             task, pen = _optimizer_step(stage, loop, batches)
+            kill_point("step", loop.global_step)
             loss = task + cfg.lam * pen
             loop.epoch_loss_sum += loss
             loop.epoch_task_sum += task
@@ -344,7 +346,12 @@ def _prepare(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, out_d
 
 
 def _start(stage: _Stage, resume: bool) -> LoopState:
-    """Where the loop begins: the checkpoint's position, or step 0 of a fresh run."""
+    """Where the loop begins: the checkpoint's position, or step 0 of a fresh run (also
+    when --resume finds no checkpoint: the run was killed before its first one)."""
+    if resume and not has_checkpoint(stage.ckpt_path, stage.info):
+        stage.say(f"{stage.cfg.stage}: --resume found no checkpoint ({stage.ckpt_path}): the run "
+                  "stopped before its first one; starting from the beginning")
+        resume = False
     if not resume:
         stage.metrics.reset()  # lines of an earlier attempt that never reached a checkpoint
         stage.scheduler.step_update(0)
@@ -369,6 +376,8 @@ def fit(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, val_ds, ou
     A `distiller`'s teacher runs on this process's device beside the student, outside DDP:
     it has no gradients to reduce, and every process computes its own batch's targets.
     `after_step` is called after every optimizer step (tests use it to simulate a crash)."""
+    if info.is_main:  # what a killed run's writes left half-done
+        discard_interrupted_writes(out_dir)
     stage = _prepare(model, cfg, info, train_ds, out_dir, mixup_fn, distiller, say, after_step)
     loop = _start(stage, resume)
     if distiller is not None:
@@ -380,6 +389,12 @@ def fit(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, val_ds, ou
         stage.model = torch.compile(stage.model)
     summary: Dict[str, Any] = {"stopped": False, "steps_per_epoch": stage.steps_per_epoch,
                                "total_steps": stage.total_steps, "lr": cfg.scaled_lr(info.world_size)}
+    # Resumed after an epoch end (after the last one, when killed before the model was
+    # saved): that epoch's line, as the uninterrupted run would report it.
+    ended = [row for row in read_metrics(stage.metrics.path)
+             if row.get("kind") == "epoch" and row.get("epoch") == loop.epoch - 1]
+    if ended:
+        summary["last_epoch"] = ended[-1]
     stage.run_start = time.perf_counter()
     while loop.epoch < cfg.epochs:
         if train_one_epoch(stage, loop, train_ds):
