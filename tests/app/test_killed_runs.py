@@ -33,10 +33,11 @@ TIMEOUT_S = 120
 
 def _argv(data_dir: Path, out: Path) -> List[str]:
     # 4 steps per epoch, 2 epochs; checkpoints at steps 3 and 6 (--save-every) and 4 and 8
-    # (epoch ends); RandAugment, random erasing, mixup, drop path and shuffling all on.
+    # (epoch ends); metrics lines at steps 2, 4, 6 and 8, so the step-3 checkpoint falls
+    # between two; RandAugment, random erasing, mixup, drop path and shuffling all on.
     return flags(["sparse-train", "--data", str(data_dir), "--output", str(out), "--epochs", "2",
                   "-b", "8", "--lr", "1e-3", "--lr-base-batch", "8", "--save-every", "3",
-                  "--log-every", "1", "--warmup-epochs", "0.5", "--drop-path", "0.1"],
+                  "--log-every", "2", "--warmup-epochs", "0.5", "--drop-path", "0.1"],
                  TINY_MODEL, FAST)
 
 
@@ -122,23 +123,25 @@ def test_a_run_killed_at_any_moment_and_resumed_ends_as_if_never_killed(tmp_path
     result = _run(again, kill_at="step:2")
     assert result.returncode == KILLED, _explain(result)
     assert "starting from the beginning" in result.stdout
-    assert _saved_step(out) is None and [r["step"] for r in _rows(metrics)] == [1]
+    assert _saved_step(out) is None and _rows(metrics) == []
     result = _run(again, kill_at="checkpoint-write:3")
     assert result.returncode == KILLED, _explain(result)
     assert "starting from the beginning" in result.stdout and _saved_step(out) is None
+    assert [r["step"] for r in _rows(metrics)] == [2]
     assert [p.split("-")[0] for p in _temporaries(out)] == ["checkpoints/.last.pt.tmp"]
 
     # Still no checkpoint: from the beginning again, the temporary file removed; killed in
-    # step 5, after the epoch-end checkpoint of step 4.
-    result = _run(again, kill_at="step:5")
+    # step 4, after the step-3 checkpoint, before step 4's metrics line.
+    result = _run(again, kill_at="step:4")
     assert result.returncode == KILLED, _explain(result)
     assert "starting from the beginning" in result.stdout
-    assert _saved_step(out) == 4 and _temporaries(out) == []
+    assert _saved_step(out) == 3 and _temporaries(out) == []
 
-    # Killed inside the write of the step-6 checkpoint: step 4's stays, beside a temporary.
+    # Resumed between two metrics lines (step 4's averages steps 3 and 4); killed inside the
+    # write of the step-6 checkpoint: step 4's stays, beside a temporary.
     result = _run(again, kill_at="checkpoint-write:6")
     assert result.returncode == KILLED, _explain(result)
-    assert "resumed sparse-train" in result.stdout and "at epoch 1, step 0/4" in result.stdout
+    assert "resumed sparse-train" in result.stdout and "at epoch 0, step 3/4" in result.stdout
     assert _saved_step(out) == 4 and len(_temporaries(out)) == 1
 
     # Killed from outside once the run is past step 5, wherever it then is.
@@ -161,7 +164,7 @@ def test_a_run_killed_at_any_moment_and_resumed_ends_as_if_never_killed(tmp_path
 
     assert_same_tensors(state_dict_of(out / "model"), state_dict_of(ref / "model"))
     assert _without_timing(_rows(metrics)) == _without_timing(_rows(ref / "metrics.jsonl"))
-    assert [r["step"] for r in _rows(metrics) if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in _rows(metrics) if r["kind"] == "train"] == [2, 4, 6, 8]
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
     summary["last_epoch"], ref_summary["last_epoch"] = _without_timing(
         [summary.get("last_epoch", {}), ref_summary["last_epoch"]])

@@ -91,11 +91,27 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # loss (task + lambda * penalty) of each step
     epoch_task_sum: float = 0.0  # task loss alone of each step
     epoch_seconds: float = 0.0   # time spent on `epoch`, validation excluded
+    # The steps since the last metrics line, whose means the next line reports: kept here so
+    # that a run resumed between two lines writes the next one as if it had never stopped.
+    window_loss_sum: float = 0.0
+    window_task_sum: float = 0.0
+    window_penalty_sum: float = 0.0
+    window_steps: int = 0
 
     def next_epoch(self) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_loss_sum = self.epoch_task_sum = self.epoch_seconds = 0.0
+
+    def add_to_window(self, loss: float, task: float, penalty: float) -> None:
+        self.window_loss_sum += loss
+        self.window_task_sum += task
+        self.window_penalty_sum += penalty
+        self.window_steps += 1
+
+    def clear_window(self) -> None:
+        self.window_loss_sum = self.window_task_sum = self.window_penalty_sum = 0.0
+        self.window_steps = 0
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -200,18 +216,12 @@ class _Stage:
 
 
 class _Window:
-    """Averages of the steps since the last metrics line."""
+    """The speed of this process's steps since the last metrics line (their losses are
+    summed in LoopState)."""
 
     def __init__(self):
-        self.loss = self.task = self.pen = 0.0
         self.n = 0
         self.t0 = time.perf_counter()
-
-    def add(self, loss: float, task: float, pen: float) -> None:
-        self.loss += loss
-        self.task += task
-        self.pen += pen
-        self.n += 1
 
 
 def _format_eta(seconds: float) -> str:
@@ -274,7 +284,8 @@ def train_one_epoch(stage: _Stage, loop: LoopState, train_ds) -> bool:
             now = time.perf_counter()
             loop.epoch_seconds += now - tick
             tick = now
-            window.add(loss, task, pen)
+            loop.add_to_window(loss, task, pen)
+            window.n += 1
             stage.steps_this_run += 1
             eta = (now - stage.run_start) / stage.steps_this_run * (stage.total_steps - loop.global_step)
             bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{stage.current_lr():.2e}",
@@ -285,10 +296,12 @@ def train_one_epoch(stage: _Stage, loop: LoopState, train_ds) -> bool:
                 seconds = time.perf_counter() - window.t0
                 stage.metrics.log({
                     "stage": cfg.stage, "kind": "train", "epoch": loop.epoch,
-                    "step": loop.global_step, "loss": window.loss / window.n,
-                    "task_loss": window.task / window.n, "penalty": window.pen / window.n,
+                    "step": loop.global_step, "loss": loop.window_loss_sum / loop.window_steps,
+                    "task_loss": loop.window_task_sum / loop.window_steps,
+                    "penalty": loop.window_penalty_sum / loop.window_steps,
                     "lr": stage.current_lr(), "eta_s": eta, "time": time.time(),
                     "images_per_s": window.n * images_per_step / max(seconds, 1e-9)})
+                loop.clear_window()
                 window = _Window()
             if stage.after_step is not None:
                 stage.after_step(loop)
