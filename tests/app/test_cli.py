@@ -205,10 +205,15 @@ def test_nan_loss_stops_with_the_step(capsys, tmp_path, data_dir):
 def test_existing_run_needs_resume(capsys, tmp_path, full_run):
     err = cli_error(capsys, ["run", "--synthetic", "--output", str(full_run)] + TINY_MODEL)
     assert "already holds a run" in err and "--resume" in err
-    err = cli_error(capsys, ["sparse-train", "--synthetic", "--resume", "--output", str(tmp_path)] + TINY_MODEL)
-    assert "no checkpoint" in err
-    err = cli_error(capsys, ["sparse-train", "--synthetic", "--resume", "-o", str(tmp_path / "new")])
-    assert "no checkpoint" in err and not (tmp_path / "new").exists()
+    # --resume where no checkpoint was written yet (a run killed before its first one, or none
+    # begun) starts from the beginning and says so: the same command can always be re-run
+    new = tmp_path / "new"
+    assert cli.main(["sparse-train", "--synthetic", "--synthetic-size", "8", "--synthetic-val-size",
+                     "0", "--num-classes", "4", "-b", "4", "--stop-after-steps", "1", "--resume",
+                     "-o", str(new)] + TINY_MODEL + FAST) == 0
+    said = capsys.readouterr().out
+    assert "no checkpoint" in said and "starting from the beginning" in said
+    assert torch.load(new / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 1
     assert "--resume: give the --output" in cli_error(capsys, ["finetune", str(full_run), "--synthetic",
                                                             "--resume"])
     err = cli_error(capsys, ["prune", str(tmp_path)])

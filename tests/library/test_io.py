@@ -198,6 +198,55 @@ def test_a_save_killed_between_its_renames_leaves_the_old_model(tmp_path, monkey
     assert not [p for p in os.listdir(tmp_path) if ".old-" in p]
 
 
+def _dead_pid() -> int:
+    """The id of a process that has just exited (ids are not reused that fast)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_temporaries_of_killed_writes_go_with_the_next_write(tmp_path):
+    """A write killed outright (SIGKILL) cannot remove its temporary sibling: the next write
+    of the same target does, remove_interrupted_writes tidies a whole folder, and a
+    directory a replacement had moved aside goes back in place. Temporaries of writes still
+    running (another live process's) are left alone."""
+    import vtp.atomic as atomic
+
+    dead = _dead_pid()
+
+    def leave(name: str, folder: bool = False):
+        path = tmp_path / name
+        path.mkdir() if folder else path.write_text("half")
+        return path
+
+    stale = leave(f".a.json.tmp-{dead}-0123abcd")
+    reused = leave(f".a.json.tmp-{os.getpid()}-89abcdef")  # this process's id, not being written
+    running = leave(f".a.json.tmp-{os.getppid()}-00000000")  # a live process's write
+    other = leave(f".b.json.tmp-{dead}-11111111")
+    atomic.write_json(tmp_path / "a.json", {"x": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert not stale.exists() and not reused.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.json", running.name, other.name])
+
+    # killed between the two renames of replacing m/: the old m/ aside, the new one half-done
+    old = leave(f".m.old-{dead}-22222222", folder=True)
+    (old / "w").write_text("old")
+    half = leave(f".m.tmp-{dead}-33333333", folder=True)
+    removed = atomic.remove_interrupted_writes(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([other.name, half.name])
+    assert (tmp_path / "m" / "w").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.json", running.name, "m"])
+
+    # killed after the second rename, before the old directory was deleted
+    leftover = leave(f".m.old-{dead}-44444444", folder=True)
+    atomic.replace_directory(tmp_path / "m", lambda d: (d / "w").write_text("new"))
+    assert (tmp_path / "m" / "w").read_text() == "new" and not leftover.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.json", running.name, "m"])
+
+
 def test_save_refuses_a_directory_of_someone_elses_config(tmp_path):
     folder = tmp_path / "hf_model"
     folder.mkdir()

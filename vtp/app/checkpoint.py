@@ -4,22 +4,29 @@ A checkpoint holds the model, optimizer, schedule and gradient-scaler states, wh
 stands, every process's random states and the settings of the run, in a file that
 ``torch.load(weights_only=True)`` reads back (no pickled code). Resuming from it continues
 the run exactly.
+
+A run may be killed at any moment (a preemptible job's SIGKILL) and the same command re-run
+with ``--resume``: before its first checkpoint it starts again from the beginning, after it
+from the checkpoint, and what the killed writes left half-done is removed first
+(``discard_interrupted_writes``).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict
+import signal
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from vtp.atomic import atomic_write
+from vtp.atomic import atomic_write, remove_interrupted_writes
 
-from .distributed import DistInfo, gather_objects
+from .distributed import DistInfo, broadcast_object, gather_objects
 from .errors import VTPError
 from .random import capture_rng, restore_rng, seed_everything
 
-__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint",
+__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "check_fresh_or_resume", "has_checkpoint",
+           "discard_interrupted_writes", "kill_point", "save_checkpoint", "load_checkpoint",
            "training_state", "restore_training_state"]
 
 CHECKPOINT_NAME = "last.pt"
@@ -36,8 +43,63 @@ def checkpoint_path(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints", CHECKPOINT_NAME)
 
 
+def check_fresh_or_resume(out_dir: Optional[str], resume: bool, optional: bool = False) -> bool:
+    """Refuses to train over an existing run unless asked to resume; True when resuming.
+    `out_dir` None is a new, timestamped directory. A run killed before its first checkpoint
+    left none: --resume then starts it from the beginning (the same command can always be
+    re-run), the training loop saying so unless the stage is `optional` (one of `vtp run`'s,
+    which resumes the stages it finds started and starts the others), where False is
+    returned."""
+    if out_dir is None:
+        if resume:
+            raise VTPError("--resume: give the --output of the run to continue")
+        return False
+    ckpt = checkpoint_path(out_dir)
+    if resume:
+        return os.path.isfile(ckpt) or not optional
+    if os.path.isfile(ckpt):
+        raise VTPError(f"{out_dir} already holds a run ({ckpt}); pass --resume to continue it "
+                       "or choose another --output")
+    return False
+
+
+def has_checkpoint(path: str, info: DistInfo) -> bool:
+    """Whether the checkpoint `path` exists, as rank 0 sees it: every process takes the same
+    branch."""
+    return broadcast_object(os.path.isfile(path), info)
+
+
+def discard_interrupted_writes(out_dir: str) -> None:
+    """Removes what writes killed half-way left in a stage's directory and its checkpoints/
+    (temporary files and directories of checkpoints, metrics, configs, summaries, model/),
+    and puts back a model/ a kill left moved aside. Rank 0 alone calls it."""
+    for folder in (out_dir, os.path.dirname(checkpoint_path(out_dir))):
+        remove_interrupted_writes(folder)
+
+
+# tests/app/test_killed_runs.py kills real runs at exact points to check that they survive:
+# with VTP_TEST_SIGKILL_AT="<point>:<global step>" set, this process kills itself (SIGKILL,
+# no clean-up runs) when it reaches that point of that step. The points: "step" (weights
+# updated, nothing logged or saved), "checkpoint-write" (written to the temporary file, not
+# renamed), "checkpoint-saved" (renamed into place). All it can do is end the process that
+# has it set, which whoever sets it could do anyway.
+_KILL_ENV = "VTP_TEST_SIGKILL_AT"
+
+
+def kill_point(point: str, global_step: int) -> None:
+    if os.environ.get(_KILL_ENV) == f"{point}:{global_step}":
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    step = state.get("global_step", -1)
+
+    def write(tmp: str) -> None:
+        torch.save(state, tmp)
+        kill_point("checkpoint-write", step)
+
+    atomic_write(path, write)
+    kill_point("checkpoint-saved", step)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -27,7 +27,7 @@ from vtp.io import check_saveable, is_model_dir, read_config
 from vtp._profile import check_img_size, default_img_size, input_channels
 
 from . import data, distributed, models, train
-from .checkpoint import checkpoint_path
+from .checkpoint import check_fresh_or_resume
 from .distill import Distiller
 from .errors import VTPError
 from .evaluate import evaluate, measure_throughput
@@ -79,26 +79,6 @@ class Context:
 
 # ---------------------------------------------------------------------------------------------
 # Checks before any work
-
-
-def check_fresh_or_resume(out_dir: Optional[str], resume: bool, optional: bool = False) -> bool:
-    """Refuses to train over an existing run unless asked to resume; True when resuming.
-    `out_dir` None is a new, timestamped directory."""
-    if out_dir is None:
-        if resume:
-            raise VTPError("--resume: give the --output of the run to continue")
-        return False
-    ckpt = checkpoint_path(out_dir)
-    if resume:
-        if os.path.isfile(ckpt):
-            return True
-        if optional:
-            return False
-        raise VTPError(f"--resume: no checkpoint in {out_dir} (expected {ckpt})")
-    if os.path.isfile(ckpt):
-        raise VTPError(f"{out_dir} already holds a run ({ckpt}); pass --resume to continue it "
-                       "or choose another --output")
-    return False
 
 
 def resolve_source(path: Optional[str], command: str) -> str:

@@ -26,12 +26,13 @@ from tqdm import tqdm
 import vtp
 
 from . import data
-from .checkpoint import checkpoint_path, restore_training_state, save_checkpoint, training_state
+from .checkpoint import (checkpoint_path, discard_interrupted_writes, has_checkpoint, kill_point,
+                         restore_training_state, save_checkpoint, training_state)
 from .distill import Distiller, set_distilled_training
 from .distributed import DistInfo, all_reduce_sum, wrap_ddp
 from .errors import VTPError
 from .evaluate import autocast, evaluate
-from .metrics import MetricsLogger, jsonable
+from .metrics import MetricsLogger, jsonable, read_metrics
 
 __all__ = ["TrainConfig", "LoopState", "create_optimizer", "create_scheduler", "train_criterion",
            "train_step", "train_one_epoch", "fit"]
@@ -90,11 +91,27 @@ class LoopState:
     epoch_loss_sum: float = 0.0  # loss (task + lambda * penalty) of each step
     epoch_task_sum: float = 0.0  # task loss alone of each step
     epoch_seconds: float = 0.0   # time spent on `epoch`, validation excluded
+    # The steps since the last metrics line, whose means the next line reports: kept here so
+    # that a run resumed between two lines writes the next one as if it had never stopped.
+    window_loss_sum: float = 0.0
+    window_task_sum: float = 0.0
+    window_penalty_sum: float = 0.0
+    window_steps: int = 0
 
     def next_epoch(self) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_loss_sum = self.epoch_task_sum = self.epoch_seconds = 0.0
+
+    def add_to_window(self, loss: float, task: float, penalty: float) -> None:
+        self.window_loss_sum += loss
+        self.window_task_sum += task
+        self.window_penalty_sum += penalty
+        self.window_steps += 1
+
+    def clear_window(self) -> None:
+        self.window_loss_sum = self.window_task_sum = self.window_penalty_sum = 0.0
+        self.window_steps = 0
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -199,18 +216,12 @@ class _Stage:
 
 
 class _Window:
-    """Averages of the steps since the last metrics line."""
+    """The speed of this process's steps since the last metrics line (their losses are
+    summed in LoopState)."""
 
     def __init__(self):
-        self.loss = self.task = self.pen = 0.0
         self.n = 0
         self.t0 = time.perf_counter()
-
-    def add(self, loss: float, task: float, pen: float) -> None:
-        self.loss += loss
-        self.task += task
-        self.pen += pen
-        self.n += 1
 
 
 def _format_eta(seconds: float) -> str:
@@ -266,13 +277,15 @@ def train_one_epoch(stage: _Stage, loop: LoopState, train_ds) -> bool:
         while loop.step_in_epoch < stage.steps_per_epoch:
             step_t0 = time.perf_counter()
             task, pen = _optimizer_step(stage, loop, batches)
+            kill_point("step", loop.global_step)
             loss = task + cfg.lam * pen
             loop.epoch_loss_sum += loss
             loop.epoch_task_sum += task
             now = time.perf_counter()
             loop.epoch_seconds += now - tick
             tick = now
-            window.add(loss, task, pen)
+            loop.add_to_window(loss, task, pen)
+            window.n += 1
             stage.steps_this_run += 1
             eta = (now - stage.run_start) / stage.steps_this_run * (stage.total_steps - loop.global_step)
             bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{stage.current_lr():.2e}",
@@ -283,10 +296,12 @@ def train_one_epoch(stage: _Stage, loop: LoopState, train_ds) -> bool:
                 seconds = time.perf_counter() - window.t0
                 stage.metrics.log({
                     "stage": cfg.stage, "kind": "train", "epoch": loop.epoch,
-                    "step": loop.global_step, "loss": window.loss / window.n,
-                    "task_loss": window.task / window.n, "penalty": window.pen / window.n,
+                    "step": loop.global_step, "loss": loop.window_loss_sum / loop.window_steps,
+                    "task_loss": loop.window_task_sum / loop.window_steps,
+                    "penalty": loop.window_penalty_sum / loop.window_steps,
                     "lr": stage.current_lr(), "eta_s": eta, "time": time.time(),
                     "images_per_s": window.n * images_per_step / max(seconds, 1e-9)})
+                loop.clear_window()
                 window = _Window()
             if stage.after_step is not None:
                 stage.after_step(loop)
@@ -344,7 +359,12 @@ def _prepare(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, out_d
 
 
 def _start(stage: _Stage, resume: bool) -> LoopState:
-    """Where the loop begins: the checkpoint's position, or step 0 of a fresh run."""
+    """Where the loop begins: the checkpoint's position, or step 0 of a fresh run (also
+    when --resume finds no checkpoint: the run was killed before its first one)."""
+    if resume and not has_checkpoint(stage.ckpt_path, stage.info):
+        stage.say(f"{stage.cfg.stage}: --resume found no checkpoint ({stage.ckpt_path}): the run "
+                  "stopped before its first one; starting from the beginning")
+        resume = False
     if not resume:
         stage.metrics.reset()  # lines of an earlier attempt that never reached a checkpoint
         stage.scheduler.step_update(0)
@@ -369,6 +389,8 @@ def fit(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, val_ds, ou
     A `distiller`'s teacher runs on this process's device beside the student, outside DDP:
     it has no gradients to reduce, and every process computes its own batch's targets.
     `after_step` is called after every optimizer step (tests use it to simulate a crash)."""
+    if info.is_main:  # what a killed run's writes left half-done
+        discard_interrupted_writes(out_dir)
     stage = _prepare(model, cfg, info, train_ds, out_dir, mixup_fn, distiller, say, after_step)
     loop = _start(stage, resume)
     if distiller is not None:
@@ -380,6 +402,12 @@ def fit(model: nn.Module, cfg: TrainConfig, info: DistInfo, train_ds, val_ds, ou
         stage.model = torch.compile(stage.model)
     summary: Dict[str, Any] = {"stopped": False, "steps_per_epoch": stage.steps_per_epoch,
                                "total_steps": stage.total_steps, "lr": cfg.scaled_lr(info.world_size)}
+    # Resumed after an epoch end (after the last one, when killed before the model was
+    # saved): that epoch's line, as the uninterrupted run would report it.
+    ended = [row for row in read_metrics(stage.metrics.path)
+             if row.get("kind") == "epoch" and row.get("epoch") == loop.epoch - 1]
+    if ended:
+        summary["last_epoch"] = ended[-1]
     stage.run_start = time.perf_counter()
     while loop.epoch < cfg.epochs:
         if train_one_epoch(stage, loop, train_ds):
