@@ -36,8 +36,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
-import common  # noqa: E402  (puts the repository root on sys.path too)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness, also when loaded by path
+from harness import RESULTS, arguments, environment, records  # noqa: E402
 
 import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -287,7 +287,7 @@ def table(summary: List[Dict[str, Any]], datasets: Dict[str, Any]) -> str:
 
 
 def plot(record: Dict[str, Any], path: str) -> None:
-    plt = common.pyplot()
+    plt = records.pyplot()
     names = [n for n in DATASETS if n in record["datasets"]]
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.6), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -322,7 +322,7 @@ def plot(record: Dict[str, Any], path: str) -> None:
         ax.set_ylabel("test top-1 % (mean ± std over seeds)")
         d = record["datasets"][name]
         ax.set_title(f"{name}: {d['train_images']} train / {d['test_images']} test images"
-                     f"{common.smoke_suffix(record['smoke'])}")
+                     f"{records.smoke_suffix(record['smoke'])}")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -331,7 +331,7 @@ def plot(record: Dict[str, Any], path: str) -> None:
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, common.DefaultsHelpFormatter)
+    p = arguments.parser(__doc__, arguments.DefaultsHelpFormatter)
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="datasets to run")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="ways to choose kept dims")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.55, 0.4], metavar="F",
@@ -356,7 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-tau", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: these tiny batches train fastest on one core)")
-    p.add_argument("--out", default=common.RESULTS, help="folder for the JSON record and the PNG")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON record and the PNG")
     p.add_argument("--tag", default=None, help="file name suffix (default: cpu; smoke with --smoke)")
     p.add_argument("--work", default=None,
                    help="folder for trained models and finished runs, to resume (default: runs/accuracy_vs_macs[_smoke])")
@@ -399,8 +399,8 @@ def main(argv=None) -> Dict[str, Any]:
             datasets[name] = run_dataset(name, args, work, bar)
     runs = [r for r in work.runs if r["dataset"] in args.datasets]
     record = {
-        **common.record_head("accuracy_vs_macs", __file__, argv, smoke=args.smoke,
-                             device=common.device_name(torch, torch.device("cpu"), cores=True),
+        **records.record_head("accuracy_vs_macs", __file__, argv, smoke=args.smoke,
+                             device=environment.device_name(torch, torch.device("cpu"), cores=True),
                              packages=("python", "torch", "timm", "numpy", "sklearn", "mlxtend")),
         "threads": torch.get_num_threads(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "tag", "work")},

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
 import sys
 import time
 import traceback
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
-import common  # noqa: E402  (puts the repository root on sys.path too)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness, also when loaded by path
+from harness import RESULTS, arguments, environment, records, timing  # noqa: E402
 
 DEFAULT_MODELS = ["deit_small_patch16_224", "deit_base_patch16_224"]
 SMOKE_MODEL = "smoke_vit"  # a two-block ViT on 32x32 images, built in this file
@@ -41,7 +40,7 @@ AMP = {"bf16": "bfloat16", "fp16": "float16", "none": None}
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, common.DefaultsHelpFormatter)
+    p = arguments.parser(__doc__, arguments.DefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help=f"timm model names, built with pretrained=False (default: {' '.join(DEFAULT_MODELS)}; "
                         f"with --smoke: a tiny 2-block ViT)")
@@ -70,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the train step")
     p.add_argument("--check-batch", type=int, default=32, help="batch of the triton-vs-torch logits check")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, gate values, inputs")
-    p.add_argument("--out", default=common.RESULTS, help="folder for the JSON record and PNG plot")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON record and PNG plot")
     p.add_argument("--tag", default=None, help="suffix of the output file names (default: device name)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--smoke", action="store_true",
@@ -127,18 +126,36 @@ def gated_copy(dense, seed: int):
     return gated
 
 
+def dense_and_gated(torch, name: str, device, seed: int):
+    """The dense model (seeded) and its gated copy with random gate scores (gated_copy)."""
+    torch.manual_seed(seed)
+    dense = build_dense(name, device).eval()
+    return dense, gated_copy(dense, seed)
+
+
+def prune_at(gated, device, img_size=None, **plan_kwargs):
+    """``gated`` pruned at ``vtp.plan(gated, **plan_kwargs)``, on ``device``; and the plan."""
+    import vtp
+
+    plan = vtp.plan(gated, **plan_kwargs, img_size=img_size)
+    return vtp.prune(gated, plan).to(device).eval(), plan
+
+
 # ---------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------
-def measure(torch, model, mode: str, args, device, compiled: bool) -> Dict[str, object]:
-    """Time one (model, mode, compile) combination; returns raw/median step times and peak memory."""
+def measure(torch, model, mode: str, device, *, batch: int, amp_dtype, compiled: bool, compile_backend: str,
+            warmup: int, iters: int, rounds: int = 1, img_size=None, lr: float = 1e-5) -> Dict[str, object]:
+    """Time one (model, mode, compile) combination: the first call apart (compilation,
+    allocation), ``warmup`` untimed steps, then ``rounds`` rounds of ``iters`` steps
+    (harness.timing.summarize, every raw time also as raw_ms), images/s and peak memory."""
     import torch.nn.functional as F
 
-    amp_dtype = getattr(torch, AMP[args.amp]) if AMP[args.amp] else None
-    size = args.img_size or model.patch_embed.img_size[0]
-    x = torch.randn(args.batch, 3, size, size, device=device)
-    target = torch.randint(0, model.num_classes, (args.batch,), device=device)
-    if device.type == "cuda":
+    size = img_size or model.patch_embed.img_size[0]
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, model.num_classes, (batch,), device=device)
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -147,15 +164,15 @@ def measure(torch, model, mode: str, args, device, compiled: bool) -> Dict[str, 
 
     if mode == "infer":
         model = model.eval()
-        run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
+        run = torch.compile(model, backend=compile_backend, dynamic=False) if compiled else model
 
         def step():
             with torch.no_grad(), autocast():
                 run(x)
     else:
         model = copy.deepcopy(model).train()  # optimizer steps must not touch the shared model
-        run = torch.compile(model, backend=args.compile_backend, dynamic=False) if compiled else model
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        run = torch.compile(model, backend=compile_backend, dynamic=False) if compiled else model
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
         def step():
             with autocast():
@@ -166,15 +183,14 @@ def measure(torch, model, mode: str, args, device, compiled: bool) -> Dict[str, 
 
     t0 = time.perf_counter()
     step()  # first call: compiles (when compiled) and allocates; timed separately
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
-    raw = common.step_times_ms(torch, step, args.warmup, args.iters, device.type == "cuda")
-    median = statistics.median(raw)
+    summary = timing.step_rounds(torch, step, warmup, iters, cuda, rounds)
     return {
-        "raw_ms": raw, "median_ms": median, "images_per_s": args.batch / (median * 1e-3),
+        "raw_ms": timing.raw_ms(summary), **summary, "images_per_s": batch / (summary["median_ms"] * 1e-3),
         "first_call_s": first_s,
-        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     }
 
 
@@ -189,10 +205,10 @@ def measure(torch, model, mode: str, args, device, compiled: bool) -> Dict[str, 
 CHECK_BOUND = {"bf16": 3e-2, "fp16": 1e-2, "none": 1e-3}
 
 
-def check_logits(torch, vtp_kernels, pruned, args, device) -> float:
-    amp_dtype = getattr(torch, AMP[args.amp]) if AMP[args.amp] else None
-    size = args.img_size or pruned.patch_embed.img_size[0]
-    x = torch.randn(args.check_batch, 3, size, size, device=device)
+def check_logits(torch, vtp_kernels, pruned, device, *, batch: int, amp_dtype, img_size=None) -> float:
+    """Relative error norm of the pruned model's logits with backend "triton" against "torch"."""
+    size = img_size or pruned.patch_embed.img_size[0]
+    x = torch.randn(batch, 3, size, size, device=device)
     logits = {}
     for backend in ("torch", "triton"):
         with vtp_kernels.use_backend(backend), torch.no_grad(), \
@@ -209,7 +225,7 @@ def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
     import torch
 
-    device = common.pick_device(torch, args.smoke)
+    device = environment.pick_device(torch, args.smoke)
     if args.smoke:
         # One thread: a loaded CPU (tests running beside us) makes multi-threaded steps erratic.
         threads = torch.get_num_threads()
@@ -228,33 +244,36 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
     if "triton" in args.backends and device.type != "cuda":
         raise SystemExit("--backends triton needs a GPU here (the interpreter would time Python, not kernels)")
     torch.manual_seed(args.seed)
+    amp_dtype = getattr(torch, AMP[args.amp]) if AMP[args.amp] else None
     compile_modes = [False] if args.no_compile else [False, True]
     record = {
-        **common.record_head("model", __file__, argv, smoke=args.smoke,
-                             device=common.device_name(torch, device, cores=True),
+        **records.record_head("model", __file__, argv, smoke=args.smoke,
+                             device=environment.device_name(torch, device, cores=True),
                              packages=("python", "torch", "timm", "cuda", "triton")),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_plot", "tag")},
         "timer": "CUDA events per step" if device.type == "cuda" else "perf_counter per step",
         "models": {}, "correctness": {}, "results": [],
     }
 
-    stem = common.output_stem(args.out, "model", args.smoke, record["device"], args.tag)
+    stem = records.output_stem(args.out, "model", args.smoke, record["device"], args.tag)
 
     def save(plot_fn=None):
         # After every measurement: a run cut short (a time limit, a crash) keeps what it measured.
         record["medians_ms"] = {key(r): r["median_ms"] for r in record["results"] if "median_ms" in r}
         record["speedups"] = {key(r): r["speedup_vs_dense"] for r in record["results"] if "speedup_vs_dense" in r}
         if plot_fn is None:
-            common.write_json(stem + ".json", record)
+            records.write_json(stem + ".json", record)
         else:
-            common.save_record(record, stem, plot_fn)
+            records.save_record(record, stem, plot_fn)
 
     def run(model_name, label, model, backend, compiled, mode, extra, dense_row=None):
         if compiled:
             torch._dynamo.reset()  # fresh caches: no recompile limit, no shapes marked dynamic
         try:
             with vtp_kernels.use_backend(backend or "torch"):
-                res = measure(torch, model, mode, args, device, compiled)
+                res = measure(torch, model, mode, device, batch=args.batch, amp_dtype=amp_dtype, compiled=compiled,
+                              compile_backend=args.compile_backend, warmup=args.warmup, iters=args.iters,
+                              img_size=args.img_size, lr=args.lr)
         except Exception as e:  # keep the other measurements; the record says what failed
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
@@ -277,8 +296,7 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
         gated = gated_copy(dense, args.seed)
         pruned = []
         for v in pruned_variants(args):
-            plan = vtp.plan(gated, **v["plan"], img_size=args.img_size)
-            small = vtp.prune(gated, plan).to(device)
+            small, plan = prune_at(gated, device, args.img_size, **v["plan"])
             prof = vtp.profile(small, args.img_size)
             pruned.append((v["label"], small, {
                 "plan": v["plan"], "pruned_share": plan.pruned_ratio, "params": prof.params, "macs": prof.macs,
@@ -291,7 +309,8 @@ def _main(args, argv, torch, device) -> Dict[str, object]:
         # Correctness before timing: the kernels must compute what the reference computes.
         if "triton" in args.backends:
             for label, small, _ in pruned:
-                err = check_logits(torch, vtp_kernels, small, args, device)
+                err = check_logits(torch, vtp_kernels, small, device, batch=args.check_batch, amp_dtype=amp_dtype,
+                                   img_size=args.img_size)
                 record["correctness"][f"{model_name}/{label}"] = err
                 if not err <= CHECK_BOUND[args.amp]:
                     raise SystemExit(f"{model_name} {label}: triton logits differ from torch backend by "
@@ -339,7 +358,7 @@ def format_row(r) -> str:
 
 def plot(record: Dict[str, object], path: str) -> None:
     """Measured speed-up against MACs reduction (dense MACs / pruned MACs), one panel per mode."""
-    plt = common.pyplot()
+    plt = records.pyplot()
     rows = [r for r in record["results"] if "speedup_vs_dense" in r]
     modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)] or ["infer"]
     models = list(record["models"])
@@ -363,8 +382,8 @@ def plot(record: Dict[str, object], path: str) -> None:
         ax.set_title(f"{mode}, batch {record['config']['batch']}, amp {record['config']['amp']}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"VTP pruned vs dense on {record['device']}" + common.smoke_suffix(record["smoke"]), fontsize=9)
-    common.save_figure(fig, path)
+    fig.suptitle(f"VTP pruned vs dense on {record['device']}" + records.smoke_suffix(record["smoke"]), fontsize=9)
+    records.save_figure(fig, path)
 
 
 if __name__ == "__main__":

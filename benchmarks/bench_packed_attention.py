@@ -5,17 +5,23 @@ and 197 tokens, bf16, after a VTP prune of the ``attn_out`` gate: per-head value
 drawn from one global threshold over random gate scores (default 40 % removed, at least
 one head dropped). Dropped heads are removed from q and k as well, as ``vtp.prune`` does;
 q, k and v are strided views of one pruned qkv output ``[B, N, 2*H*D + sum(widths)]``.
-Variants, forward and forward+backward (gradient w.r.t. that qkv tensor):
+Variants, forward and forward+backward (gradients of q, k and v):
 
-    triton     the packed-V flash kernel (what the "triton" backend runs)
-    reference  pad V to a uniform width, F.scaled_dot_product_attention, gather back
-    compiled   torch.compile(reference)
-    dense      F.scaled_dot_product_attention on the unpruned shape (all heads at
-               width 64, qkv [B, N, 3*H*D]): what the unpruned model pays
+    triton       the packed-V flash kernel (what the "triton" backend runs)
+    reference    pad V to a uniform width, F.scaled_dot_product_attention, gather back
+    compiled     torch.compile(reference)
+    sdpa_padded  what a pruned model could run instead: values zero-padded to the head dim
+                 at prune time, plain SDPA over the kept heads (on a GPU also under each
+                 SDPA backend, sdpa_padded:<backend>)
+    dense        F.scaled_dot_product_attention on the unpruned shape (all heads at
+                 width 64): what the unpruned model pays
 
-The kernel output and gradient are checked against an fp32 reference before anything is
+The kernel output and gradients are checked against the fp64 reference before anything is
 timed. Timings are triton.testing.do_bench (L2 flushed between runs); every raw timing is
 kept. Writes a table to stdout and packed_attention_<device>.json / .png into --out.
+
+gpu_check.py runs the same cases, checks and timed run (``config_cases``,
+``correctness_cases``, ``production_cases``, ``correctness``, ``run``).
 
     python benchmarks/bench_packed_attention.py                        # on a GPU
     python benchmarks/bench_packed_attention.py --smoke --out /tmp/pa  # CPU, interpreter
@@ -24,50 +30,197 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
-import common  # noqa: E402  (puts the repository root on sys.path too)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness, also when loaded by path
+from harness import arguments, checks, environment, records, timing  # noqa: E402
 
+OP = "packed_attention"
 MODELS = {"deit_s": 6, "deit_b": 12}            # heads; both have head dim 64
-VARIANTS = ("triton", "reference", "compiled", "dense")
-
-
-def parse_args(argv=None):
-    p = common.parser(__doc__, argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["deit_s", "deit_b"],
-                   help="attention shapes to run: deit_s (6 heads) and/or deit_b (12 heads), head dim 64")
-    p.add_argument("--batch", type=int, default=256, help="images per batch B")
-    p.add_argument("--tokens", type=int, default=197, help="tokens per image N (196 patches + class token)")
-    p.add_argument("--head-dim", type=int, default=64, help="q/k head dim D, and the unpruned value width per head")
-    p.add_argument("--prune", type=float, default=0.4,
-                   help="share of all value dims (heads x head dim) removed by the global threshold")
-    p.add_argument("--dropped-heads", type=int, default=1,
-                   help="heads whose gate scores are forced below the threshold (whole heads removed)")
-    p.add_argument("--round-to", type=int, default=1,
-                   help="round every kept width up to a multiple of this (8 keeps tensor cores fed); 1 = off")
-    p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="dtype of q, k, v")
-    common.add_do_bench_flags(p)
-    p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend for the 'compiled' variant (default: inductor; aot_eager with --smoke)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the width pattern and the inputs")
-    common.add_output_flags(p, smoke_help="CPU check of the script itself: tiny shapes (B=1, N=13, D=16), fp32, few "
-                                          "iterations, Triton under TRITON_INTERPRET=1, wall-clock timing; its "
-                                          "numbers are not kernel speeds")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.batch, args.tokens, args.head_dim, args.dtype = 1, 13, 16, "fp32"
-        args.warmup, args.rep = min(args.warmup, 1), min(args.rep, 3)
-        args.compile_backend = args.compile_backend or "aot_eager"
-    args.compile_backend = args.compile_backend or "inductor"
-    return args
+VARIANTS = {"triton": "candidate", "reference": "alternative", "compiled": "alternative",
+            "sdpa_padded": "alternative", "dense": "unpruned"}
+SCRIPT_VARIANTS = ("triton", "reference", "compiled", "dense")
+REFERENCE = "reference"
+# 40 % pruned DeiT-B, kept value widths per kept head (one of 12 heads dropped), per round_to.
+DEIT_B_WIDTHS = {1: (61, 47, 55, 37, 64, 21, 30, 44, 53, 13, 38), 8: (64, 48, 56, 40, 64, 24, 32, 48, 56, 16, 40)}
 
 
 # ---------------------------------------------------------------------------------------
-# The pruned width pattern
+# Cases: data
 # ---------------------------------------------------------------------------------------
+def case(label: str, dtype: str, **params) -> Dict[str, object]:
+    """One case: batch B, tokens N, head dim D, the kept heads' value ``widths``; optional
+    ``heads`` (before pruning, for the dense variant; default: the kept heads), ``round_to``,
+    ``q_layout="heads_innermost"`` (q stored [B, N, D, H], head stride 1) and ``repeat``."""
+    return {"op": OP, "label": label, "dtype": dtype, "params": params}
+
+
+def _label(b, n, d, widths) -> str:
+    return f"B={b} N={n} D={d} widths={list(widths)}"
+
+
+def config_cases(smoke: bool) -> List[Dict[str, object]]:
+    """A small ragged case with the production constexprs (D = 64, a 64-wide head, odd
+    widths, an empty head), run under each autotune config in turn."""
+    if smoke:
+        return [case(_label(1, 13, 16, (5, 0, 8)), "fp32", B=1, N=13, D=16, widths=(5, 0, 8))]
+    return [case(_label(2, 77, 64, (40, 0, 24, 64, 7)), "bf16", B=2, N=77, D=64, widths=(40, 0, 24, 64, 7))]
+
+
+def correctness_cases(smoke: bool, dtype: str, images: int) -> List[Dict[str, object]]:
+    """Both DeiT-B plans at ``images`` images (fp32: one; its dots lower to FMA code that
+    compiles slowly), ragged small shapes (--smoke: one, and none in fp16), and in the first
+    dtype q stored with head stride 1."""
+    shapes = [(1, 13, 16, (5, 16, 8))] if smoke else [(images, 197, 64, DEIT_B_WIDTHS[r]) for r in (1, 8)]
+    out = [case(_label(b, n, d, w), dtype, B=b, N=n, D=d, widths=w, repeat=True)
+           for b, n, d, w in (shapes[:1] if dtype == "fp32" else shapes)]
+    if not (smoke and dtype == "fp16"):
+        ragged = ((3, 29, 16, (1, 16, 7, 8)),) if smoke else ((2, 77, 64, (40, 0, 24, 64, 7)), (3, 29, 16, (1, 16, 7, 8)))
+        out += [case(_label(b, n, d, w), dtype, B=b, N=n, D=d, widths=w) for b, n, d, w in ragged]
+    if dtype == ("fp32" if smoke else "bf16"):
+        out.append(case("q stored [B, N, D, H] (head stride 1), widths (8,)*8", dtype, B=1, N=13, D=16,
+                        widths=(8,) * 8, q_layout="heads_innermost"))
+    return out
+
+
+def production_cases(smoke: bool) -> List[Dict[str, object]]:
+    """The pruned DeiT-B's attention at batch 256, bf16 q/k/v views of the pruned qkv
+    output, both plans (--smoke: a small one, round_to=8, fp32)."""
+    if smoke:
+        return [case("B=2 N=13 H=3 D=16 (round_to=8)", "fp32", B=2, N=13, D=16, widths=(8, 16, 8), round_to=8)]
+    return [case(f"B=256 N=197 H={len(w)} D=64 (round_to={r})", "bf16", B=256, N=197, D=64, widths=w, heads=12,
+                 round_to=r) for r, w in DEIT_B_WIDTHS.items()]
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs, check and timed run
+# ---------------------------------------------------------------------------------------
+def inputs(torch, device, dtype, p, empty=False):
+    """q, k, v as views of one qkv projection output [B, N, 2*H*D + sum(widths)] (the
+    pruned attention's layout), and dout; ``q_layout="heads_innermost"`` stores q as
+    [B, N, D, H] instead, so its head stride is 1. ``empty``: uninitialised tensors."""
+    new = torch.empty if empty else torch.randn
+    B, N, D, widths = p["B"], p["N"], p["D"], p["widths"]
+    H = len(widths)
+    row = 2 * H * D + sum(widths)
+    qkv = new(B, N, row, device=device).to(dtype)
+    q = qkv[..., :H * D].view(B, N, H, D).transpose(1, 2)
+    k = qkv[..., H * D:2 * H * D].view(B, N, H, D).transpose(1, 2)
+    v = qkv[..., 2 * H * D:]
+    if p.get("q_layout") == "heads_innermost":
+        q = new(B, N, D, H, device=device).to(dtype).permute(0, 3, 1, 2)
+    return q, k, v, new(B, N, sum(widths), device=device).to(dtype)
+
+
+def correctness(torch, device, c: Dict[str, object]) -> Dict[str, object]:
+    """The Triton op against the fp64 reference (harness.checks.against_fp64); judged."""
+    from vtp_kernels import reference
+    from vtp_kernels._packed_attention import packed_attention_triton
+
+    widths = tuple(c["params"]["widths"])
+    q, k, v, dout = inputs(torch, device, environment.dtype_of(torch, c["dtype"]), c["params"])
+    result = checks.against_fp64(torch, lambda q, k, v: packed_attention_triton(q, k, v, widths),
+                                 lambda q, k, v: reference.packed_attention(q, k, v, widths), (q, k, v), dout,
+                                 ("out", "dq", "dk", "dv"), repeatable=("dq", "dk", "dv"),
+                                 repeat=bool(c["params"].get("repeat")))
+    return checks.judge(result, c["dtype"])
+
+
+def sdpa_backends():
+    """The SDPA backends a GPU run forces one at a time (torch.nn.attention.SDPBackend)."""
+    from torch.nn.attention import SDPBackend
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def prepare(torch, device, c: Dict[str, object], compile_backend: str,
+            names: Sequence[str] = tuple(VARIANTS)) -> Dict[str, object]:
+    """The variants ``names`` of case ``c`` on fresh inputs: {variants, roles, inputs, grads,
+    extra, leaves}; on a GPU "sdpa_padded" brings one more variant per SDPA backend."""
+    import torch.nn.functional as F
+
+    from vtp_kernels import reference
+    from vtp_kernels._packed_attention import packed_attention_triton
+
+    p, dtype = c["params"], environment.dtype_of(torch, c["dtype"])
+    widths, B, N, D = tuple(p["widths"]), p["B"], p["N"], p["D"]
+    H, heads = len(widths), p.get("heads", len(widths))
+    q, k, v, dout = inputs(torch, device, dtype, p)
+    leaves = tuple(t.requires_grad_() for t in (q, k, v))
+    # Values zero-padded to the head dim at prune time: plain SDPA over the kept heads.
+    padded = tuple(t.requires_grad_() for t in torch.randn(B, N, 3, H, D, device=device).to(dtype)
+                   .permute(2, 0, 3, 1, 4).unbind(0))
+    dense = tuple(t.requires_grad_() for t in torch.randn(B, N, 3, heads, D, device=device).to(dtype)
+                  .permute(2, 0, 3, 1, 4).unbind(0))
+    compiled = torch.compile(lambda q, k, v: reference.packed_attention(q, k, v, widths),
+                             backend=compile_backend, dynamic=False)
+    every: Dict[str, Callable] = {
+        "triton": lambda q, k, v: packed_attention_triton(q, k, v, widths),
+        "reference": lambda q, k, v: reference.packed_attention(q, k, v, widths),
+        "compiled": compiled, "sdpa_padded": F.scaled_dot_product_attention,
+        "dense": lambda q, k, v: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, heads * D)}
+    variants = {n: every[n] for n in names}
+    if "sdpa_padded" in names and device.type == "cuda":
+        from torch.nn.attention import sdpa_kernel
+        for name, backend in sdpa_backends().items():
+            def forced(q, k, v, backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            variants[f"sdpa_padded:{name}"] = forced
+    roles = {n: VARIANTS[n.split(":")[0]] for n in variants}
+    operands = {n: padded if n.startswith("sdpa") else dense if n == "dense" else leaves for n in variants}
+    grads = {n: torch.randn(B, H, N, D, device=device).to(dtype) if n.startswith("sdpa")
+             else torch.randn(B, N, heads * D, device=device).to(dtype) if n == "dense" else dout for n in variants}
+    extra = {"B": B, "N": N, "H": H, "D": D, "widths": list(widths), "round_to": p.get("round_to"),
+             "qkv_row_stride": q.stride(2)}
+    return {"variants": variants, "roles": roles, "inputs": operands, "grads": grads, "extra": extra,
+            "leaves": leaves, "padded": padded}
+
+
+def run(torch, device, c: Dict[str, object], timer: timing.Timer, *, compile_backend: str,
+        names: Sequence[str] = tuple(VARIANTS), modes: Sequence[str] = timing.MODES, rounds: int = 2,
+        sync=lambda: None):
+    """Case ``c`` timed: rows (op, case, mode, dtype, variant, role, B, N, H, D, widths,
+    round_to, qkv_row_stride, summary) and the variants that failed."""
+    return timing.time_case(torch, c, prepare(torch, device, c, compile_backend, names), timer, modes=modes,
+                            rounds=rounds, sync=sync)
+
+
+def kernel_names(torch, fn: Callable[[], object], cuda: bool) -> List[str]:
+    """The CUDA kernels one call of ``fn`` runs (which tells the SDPA backend apart)."""
+    if not cuda:
+        return []
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sorted({e.key for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0})
+    except Exception as e:  # noqa: BLE001
+        return [f"profiler failed: {type(e).__name__}: {e}"]
+
+
+def sdpa_backend_of(names: Sequence[str]) -> str:
+    """Which SDPA backend the kernel names belong to."""
+    if not names:
+        return "not measured (no GPU)"
+    text = " ".join(names).lower()
+    for backend, marks in (("cudnn", ("cudnn",)), ("flash", ("flash",)), ("efficient", ("fmha", "efficient", "mem_eff"))):
+        if any(m in text for m in marks):
+            return backend
+    return "math"
+
+
+def sdpa_backend_ran(torch, prepared: Dict[str, object], cuda: bool) -> Dict[str, str]:
+    """The SDPA backend the default dispatch picks for the reference and for sdpa_padded."""
+    import torch.nn.functional as F
+
+    ran = {"reference": prepared["variants"]["reference"], "sdpa_padded": F.scaled_dot_product_attention}
+    operands = {"reference": prepared["leaves"], "sdpa_padded": prepared["padded"]}
+    return {name: sdpa_backend_of(kernel_names(torch, timing.forward(torch, fn, operands[name]), cuda))
+            for name, fn in ran.items()}
+
+
 def pruned_widths(torch, heads: int, head_dim: int, prune: float, dropped: int, round_to: int,
                   generator) -> List[int]:
     """Per-head kept value widths after one global threshold over random gate scores.
@@ -87,144 +240,117 @@ def pruned_widths(torch, heads: int, head_dim: int, prune: float, dropped: int, 
 
 
 # ---------------------------------------------------------------------------------------
-# The benchmark
+# The script
 # ---------------------------------------------------------------------------------------
-def rel_err(got, want) -> float:
-    """Error norm relative to the reference norm."""
-    got, want = got.detach().float(), want.detach().float()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
-def split_qkv(qkv, heads: int, head_dim: int):
-    """q, k [B, H, N, D] and v [B, N, rest] as views of qkv [B, N, 2*H*D + rest]."""
-    B, N, _ = qkv.shape
-    hd = heads * head_dim
-    q = qkv[..., :hd].view(B, N, heads, head_dim).transpose(1, 2)
-    k = qkv[..., hd:2 * hd].view(B, N, heads, head_dim).transpose(1, 2)
-    return q, k, qkv[..., 2 * hd:]
-
-
-def run_model(torch, F, args, name: str, device, dtype, timer, generator) -> Tuple[Dict, List[Dict]]:
-    from vtp_kernels import reference
-    from vtp_kernels._packed_attention import packed_attention_triton
-
-    heads, D, B, N = MODELS[name], args.head_dim, args.batch, args.tokens
-    widths_all = pruned_widths(torch, heads, D, args.prune, args.dropped_heads, args.round_to, generator)
-    widths = tuple(w for w in widths_all if w > 0)         # dropped heads leave q and k too
-    H, v_total = len(widths), sum(widths)
-
-    qkv = torch.randn(B, N, 2 * H * D + v_total, device=device).to(dtype).requires_grad_()
-    dout = torch.randn(B, N, v_total, device=device).to(dtype)
-    qkv_dense = torch.randn(B, N, 3 * heads * D, device=device).to(dtype).requires_grad_()
-    dout_dense = torch.randn(B, N, heads * D, device=device).to(dtype)
-
-    def dense(qkv):
-        q, k, v = qkv.view(B, N, 3, heads, D).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, heads * D)
-
-    def reference_fn(qkv):
-        return reference.packed_attention(*split_qkv(qkv, H, D), widths)
-
-    compiled = torch.compile(reference_fn, backend=args.compile_backend)
-    variants = {
-        "triton": lambda qkv: packed_attention_triton(*split_qkv(qkv, H, D), widths),
-        "reference": reference_fn,
-        "compiled": compiled,
-        "dense": dense,
-    }
-
-    # Correctness first: the kernel against the reference in fp32 on the same (upcast) values.
-    qkv32 = qkv.detach().float().requires_grad_()
-    want = reference_fn(qkv32)
-    (want_grad,) = torch.autograd.grad(want, qkv32, dout.float())
-    got = variants["triton"](qkv)
-    (got_grad,) = torch.autograd.grad(got, qkv, dout)
-    checks = {"out": rel_err(got, want), "dqkv": rel_err(got_grad, want_grad)}
-    # bf16 rounds P, V, dO and the outputs to 8 bits (2**-8 ~ 4e-3 per element); fp16 to 11.
-    bound = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
-    common.require_within(checks, bound, f"{name}: triton packed_attention", "error norm / reference norm")
-
-    results = []
-    for mode in ("fwd", "fwd+bwd"):
-        for variant, fn in variants.items():
-            x, g = (qkv_dense, dout_dense) if variant == "dense" else (qkv, dout)
-            if mode == "fwd":
-                def step(fn=fn, x=x):
-                    with torch.no_grad():
-                        fn(x)
-            else:
-                def step(fn=fn, x=x, g=g):
-                    torch.autograd.grad(fn(x), x, g)
-            step()                                          # compile / autotune outside the timing
-            raw = timer(step, args.warmup, args.rep)
-            results.append({"model": name, "variant": variant, "mode": mode,
-                            "median_ms": statistics.median(raw), "raw_ms": raw})
-    shape = {"heads": heads, "kept_heads": H, "head_dim": D, "batch": B, "tokens": N,
-             "v_widths": widths_all, "v_total": v_total, "kept_share": v_total / (heads * D)}
-    return {"shape": shape, "max_rel_err": checks, "bound": bound}, results
+def parse_args(argv=None):
+    p = arguments.parser(__doc__, argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["deit_s", "deit_b"],
+                   help="attention shapes to run: deit_s (6 heads) and/or deit_b (12 heads), head dim 64")
+    p.add_argument("--batch", type=int, default=256, help="images per batch B")
+    p.add_argument("--tokens", type=int, default=197, help="tokens per image N (196 patches + class token)")
+    p.add_argument("--head-dim", type=int, default=64, help="q/k head dim D, and the unpruned value width per head")
+    p.add_argument("--prune", type=float, default=0.4,
+                   help="share of all value dims (heads x head dim) removed by the global threshold")
+    p.add_argument("--dropped-heads", type=int, default=1,
+                   help="heads whose gate scores are forced below the threshold (whole heads removed)")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="round every kept width up to a multiple of this (8 keeps tensor cores fed); 1 = off")
+    p.add_argument("--dtype", choices=sorted(environment.DTYPES), default="bf16", help="dtype of q, k, v")
+    p.add_argument("--variants", default=",".join(SCRIPT_VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+    arguments.add_do_bench_flags(p)
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend for the 'compiled' variant (default: inductor; aot_eager with --smoke)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the width pattern and the inputs")
+    arguments.add_output_flags(p, smoke_help="CPU check of the script itself: tiny shapes (B=1, N=13, D=16), fp32, "
+                                             "few iterations, Triton under TRITON_INTERPRET=1, wall-clock timing; its "
+                                             "numbers are not kernel speeds")
+    args = p.parse_args(argv)
+    args.variants = arguments.subset(args.variants, VARIANTS, "--variants")
+    if args.smoke:
+        args.batch, args.tokens, args.head_dim, args.dtype = 1, 13, 16, "fp32"
+        args.warmup, args.rep = min(args.warmup, 1), min(args.rep, 3)
+        args.compile_backend = args.compile_backend or "aot_eager"
+    args.compile_backend = args.compile_backend or "inductor"
+    return args
 
 
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
-    torch, device = common.setup(args.smoke, args.seed)  # before vtp_kernels is imported
-    import torch.nn.functional as F
-
-    dtype = getattr(torch, common.DTYPES[args.dtype])
+    torch, device = environment.setup(args.smoke, args.seed)  # before vtp_kernels is imported
+    cuda = device.type == "cuda"
     generator = torch.Generator().manual_seed(args.seed)
-    timer = common.wall_clock_ms if args.smoke else common.do_bench_ms
+    timer = timing.kernel_timer(cuda, args.warmup, args.rep)
 
     models, results = {}, []
     for name in args.models:
-        models[name], model_results = run_model(torch, F, args, name, device, dtype, timer, generator)
-        results += model_results
+        heads, D = MODELS[name], args.head_dim
+        widths_all = pruned_widths(torch, heads, D, args.prune, args.dropped_heads, args.round_to, generator)
+        widths = tuple(w for w in widths_all if w > 0)         # dropped heads leave q and k too
+        c = case(name, args.dtype, B=args.batch, N=args.tokens, D=D, widths=widths, heads=heads,
+                 round_to=args.round_to)
+        check = correctness(torch, device, c)
+        checks.require_within(check["errors"], check["bound"], f"{name}: triton packed_attention",
+                              "error norm / fp64 reference norm")
+        rows, failures = run(torch, device, c, timer, compile_backend=args.compile_backend, names=args.variants,
+                             rounds=1, sync=torch.cuda.synchronize if cuda else lambda: None)
+        if failures:
+            raise SystemExit(f"bench_packed_attention: variants failed: {failures}")
+        results += [{"model": name, "variant": r["variant"], "mode": r["mode"], "median_ms": r["median_ms"],
+                     "raw_ms": timing.raw_ms(r)} for r in rows]
+        shape = {"heads": heads, "kept_heads": len(widths), "head_dim": D, "batch": args.batch, "tokens": args.tokens,
+                 "v_widths": widths_all, "v_total": sum(widths), "kept_share": sum(widths) / (heads * D)}
+        models[name] = {"shape": shape, "rel_err": check["errors"], "bound": check["bound"]}
 
     record = {
-        **common.record_head("packed_attention", __file__, argv, smoke=args.smoke,
-                             device=common.device_name(torch, device), packages=("python", "torch", "triton", "cuda")),
+        **records.record_head("packed_attention", __file__, argv, smoke=args.smoke,
+                              device=environment.device_name(torch, device),
+                              packages=("python", "torch", "triton", "cuda")),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "config": {"models": args.models, "batch": args.batch, "tokens": args.tokens, "head_dim": args.head_dim,
                    "prune": args.prune, "dropped_heads": args.dropped_heads, "round_to": args.round_to,
-                   "dtype": args.dtype, "warmup": args.warmup, "rep": args.rep,
+                   "dtype": args.dtype, "variants": args.variants, "warmup": args.warmup, "rep": args.rep,
                    "compile_backend": args.compile_backend, "seed": args.seed,
-                   "timer": common.TIMER_WALL_CLOCK if args.smoke else common.TIMER_DO_BENCH},
+                   "timer": timing.TIMER_WALL_CLOCK if args.smoke else timing.TIMER_DO_BENCH},
         "models": models,
-        "correctness": {name: {"rel_err": m["max_rel_err"], "bound": m["bound"]} for name, m in models.items()},
+        "correctness": {name: {"rel_err": m["rel_err"], "bound": m["bound"]} for name, m in models.items()},
         "results": results,
         "medians_ms": {f"{r['model']}/{r['mode']}/{r['variant']}": r["median_ms"] for r in results},
     }
 
     print(f"packed_attention  B={args.batch} N={args.tokens} D={args.head_dim} {args.dtype}  on {record['device']}"
-          + common.smoke_suffix(args.smoke, "  [smoke: interpreter, not kernel speeds]"))
+          + records.smoke_suffix(args.smoke, "  [smoke: interpreter, not kernel speeds]"))
     for name, m in models.items():
         s = m["shape"]
         print(f"  {name}: widths {s['v_widths']} (kept {s['v_total']}/{s['heads'] * s['head_dim']}, "
-              f"{s['kept_heads']}/{s['heads']} heads); rel err out {m['max_rel_err']['out']:.2e}, "
-              f"dqkv {m['max_rel_err']['dqkv']:.2e}")
-    print(f"{'model':<8}{'mode':<9}{'variant':<11}{'median ms':>11}{'vs reference':>14}{'vs dense':>10}")
+              f"{s['kept_heads']}/{s['heads']} heads); rel err " + ", ".join(f"{k} {e:.2e}" for k, e in m["rel_err"].items()))
+    print(f"{'model':<8}{'mode':<9}{'variant':<20}{'median ms':>11}{'vs reference':>14}{'vs dense':>10}")
     for r in results:
         key = f"{r['model']}/{r['mode']}/"
-        ref, dense = record["medians_ms"][key + "reference"], record["medians_ms"][key + "dense"]
-        print(f"{r['model']:<8}{r['mode']:<9}{r['variant']:<11}{r['median_ms']:>11.4f}"
-              f"{ref / r['median_ms']:>13.2f}x{dense / r['median_ms']:>9.2f}x")
+        ref, dense = record["medians_ms"].get(key + "reference"), record["medians_ms"].get(key + "dense")
+        print(f"{r['model']:<8}{r['mode']:<9}{r['variant']:<20}{r['median_ms']:>11.4f}"
+              + (f"{ref / r['median_ms']:>13.2f}x" if ref else f"{'-':>14}")
+              + (f"{dense / r['median_ms']:>9.2f}x" if dense else f"{'-':>10}"))
 
-    stem = common.output_stem(args.out, "packed_attention", args.smoke, record["device"])
-    common.save_record(record, stem, None if args.no_plot else plot)
+    stem = records.output_stem(args.out, "packed_attention", args.smoke, record["device"])
+    records.save_record(record, stem, None if args.no_plot else plot)
     return record
 
 
 def plot(record: Dict[str, object], path: str) -> None:
-    plt = common.pyplot()
+    plt = records.pyplot()
     models: Sequence[str] = record["config"]["models"]
+    variants = list(dict.fromkeys(r["variant"] for r in record["results"]))
     modes = ("fwd", "fwd+bwd")
     fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.4 * len(models)), squeeze=False)
     for row, name in enumerate(models):
         for ax, mode in zip(axes[row], modes):
-            common.bar_panel(ax, VARIANTS, [record["medians_ms"][f"{name}/{mode}/{v}"] for v in VARIANTS])
+            records.bar_panel(ax, variants, [record["medians_ms"][f"{name}/{mode}/{v}"] for v in variants])
             ax.set_title(f"{name} {mode}", fontsize=9)
     c = record["config"]
     fig.suptitle(f"packed_attention B={c['batch']} N={c['tokens']} D={c['head_dim']} prune={c['prune']} "
-                 f"{c['dtype']} on {record['device']}" + common.smoke_suffix(record["smoke"]), fontsize=9)
-    common.save_figure(fig, path)
+                 f"{c['dtype']} on {record['device']}" + records.smoke_suffix(record["smoke"]), fontsize=9)
+    records.save_figure(fig, path)
 
 
 if __name__ == "__main__":

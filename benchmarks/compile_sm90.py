@@ -29,8 +29,8 @@ import sys
 import tempfile
 from typing import Callable, Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
-import common  # noqa: E402  (puts the repository root on sys.path too)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness, also when loaded by path
+from harness import RESULTS, records  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Compiling without a GPU
@@ -298,7 +298,7 @@ def summary_line(r: Dict[str, object]) -> str:
 def main(argv=None) -> Dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=common.RESULTS, help="folder for compile_sm90_triton<version>.json / .md")
+    p.add_argument("--out", default=RESULTS, help="folder for compile_sm90_triton<version>.json / .md")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90, Hopper)")
     p.add_argument("--only", default=None, help="comma-separated scenario name prefixes (default: all)")
     args = p.parse_args(argv)
@@ -317,7 +317,7 @@ def main(argv=None) -> Dict[str, object]:
         launch()
 
     record: Dict[str, object] = {
-        **common.record_head("compile_sm90", __file__, argv, smoke=False, device=f"sm_{args.arch}a (compiled only)",
+        **records.record_head("compile_sm90", __file__, argv, smoke=False, device=f"sm_{args.arch}a (compiled only)",
                              packages=("python", "torch", "triton", "numpy")),
         "kernels": [],
     }
@@ -336,8 +336,8 @@ def main(argv=None) -> Dict[str, object]:
             print(f"  {c['kernel']:<32} {c['config'] or '':<60} {summary_line(facts)}", flush=True)
 
     stem = os.path.join(args.out, f"compile_sm{args.arch}_triton{triton.__version__}")
-    common.write_json(stem + ".json", record)
-    common.write_text(stem + ".md", markdown(record))
+    records.write_json(stem + ".json", record)
+    records.write_text(stem + ".md", markdown(record))
     print(f"wrote {stem}.json and {stem}.md")
     return record
 

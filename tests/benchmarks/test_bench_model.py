@@ -1,6 +1,7 @@
 """benchmarks/bench_model.py and bench_gated_training.py --smoke run on the CPU and write
 complete records, and rewrite them after every measurement; the shared benchmark helpers
 write whole files and run processes under a time limit."""
+import importlib
 import importlib.util
 import json
 import os
@@ -21,8 +22,8 @@ def bench():
 
 def test_smoke_eager_record(bench, tmp_path, monkeypatch):
     writes = []
-    write_json = bench.common.write_json
-    monkeypatch.setattr(bench.common, "write_json", lambda path, rec: writes.append(len(rec["results"])) or
+    write_json = bench.records.write_json
+    monkeypatch.setattr(bench.records, "write_json", lambda path, rec: writes.append(len(rec["results"])) or
                         write_json(path, rec))
     bench.main(["--smoke", "--no-compile", "--ratios", "0.4", "--flops-targets", "0.5",
                 "--round-to-sweep", "8", "--iters", "2", "--out", str(tmp_path)])
@@ -58,14 +59,23 @@ def test_smoke_compiled_inference(bench, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# bench_gated_training.py and the pieces the benchmarks share (benchmarks/common.py)
+# bench_gated_training.py and the pieces the benchmarks share (benchmarks/harness/)
 # ---------------------------------------------------------------------------------------
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+
+
 def _load(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _harness(name):
+    """benchmarks/harness/<name>.py, imported as the scripts import it."""
+    if os.path.abspath(BENCHMARKS) not in map(os.path.abspath, sys.path):
+        sys.path.insert(0, os.path.abspath(BENCHMARKS))
+    return importlib.import_module(f"harness.{name}")
 
 
 def test_gated_training_smoke(tmp_path):
@@ -80,10 +90,10 @@ def test_gated_training_smoke(tmp_path):
 
 
 def test_write_json_replaces_whole_files(tmp_path):
-    common = _load("common")
+    records = _harness("records")
     path = tmp_path / "sub" / "record.json"
-    common.write_json(path, {"a": 1})
-    common.write_json(path, {"b": [1, 2]})
+    records.write_json(path, {"a": 1})
+    records.write_json(path, {"b": [1, 2]})
     assert json.loads(path.read_text()) == {"b": [1, 2]}
 
     def broken(tmp):
@@ -92,42 +102,42 @@ def test_write_json_replaces_whole_files(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        common.write_atomically(str(path), broken)
+        records.write_atomically(str(path), broken)
     assert json.loads(path.read_text()) == {"b": [1, 2]}  # the old record, whole
     assert sorted(p.name for p in path.parent.iterdir()) == ["record.json"]  # no temporary files left
 
 
-def test_common_names_and_commands():
-    common = _load("common")
-    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert common.slug("cpu (x86_64), TRITON_INTERPRET=1") == "cpu--x86-64"
-    assert common.command_line("/x/benchmarks/bench_model.py", ["--smoke", "--out", "a b"]) == \
+def test_harness_names_and_commands():
+    records, arguments = _harness("records"), _harness("arguments")
+    assert records.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert records.slug("cpu (x86_64), TRITON_INTERPRET=1") == "cpu--x86-64"
+    assert records.command_line("/x/benchmarks/bench_model.py", ["--smoke", "--out", "a b"]) == \
         "python benchmarks/bench_model.py --smoke --out 'a b'"
-    assert common.subset("b, a", ["a", "b", "c"], "--x") == ["b", "a"]
+    assert arguments.subset("b, a", ["a", "b", "c"], "--x") == ["b", "a"]
     with pytest.raises(SystemExit, match="--x: unknown"):
-        common.subset("a,z", ["a", "b"], "--x")
+        arguments.subset("a,z", ["a", "b"], "--x")
 
 
 def test_run_logged_ends_a_step_at_its_limit(tmp_path):
-    common = _load("common")
+    processes = _harness("processes")
     log = tmp_path / "logs" / "slow.log"
-    slow = common.run_logged([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+    slow = processes.run_logged([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
                              dict(os.environ), str(log), timeout=2)
     assert slow["status"] == "timeout" and slow["seconds"] < 30
     text = log.read_text()
     assert "started" in text and "time limit" in text
-    fast = common.run_logged([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), str(tmp_path / "f.log"), 30)
+    fast = processes.run_logged([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), str(tmp_path / "f.log"), 30)
     assert fast["status"] == "failed" and fast["returncode"] == 3
 
 
 def test_pack_writes_one_archive(tmp_path):
     import tarfile
 
-    common = _load("common")
+    records = _harness("records")
     (tmp_path / "work" / "logs").mkdir(parents=True)
     (tmp_path / "work" / "a.json").write_text("{}")
     (tmp_path / "work" / "logs" / "a.log").write_text("x")
-    archive = common.pack(str(tmp_path / "work"), str(tmp_path / "out" / "run.tar.gz"))
+    archive = records.pack(str(tmp_path / "work"), str(tmp_path / "out" / "run.tar.gz"))
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == ["a.json", "logs/a.log"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.tar.gz"]

@@ -193,11 +193,12 @@ def test_a_failed_check_keeps_an_op_out(decide):
 
 
 def test_decision_reads_an_archive(decide, tmp_path):
-    common = _load("common")
+    sys.path.insert(0, os.path.abspath(BENCH))  # the harness, as the scripts import it
+    from harness import records
     work = tmp_path / "work"
     for name, rec in synthetic_record().items():
-        common.write_json(work / f"{name}.json", rec)
-    archive = common.pack(str(work), str(tmp_path / "gpu_check_x.tar.gz"))
+        records.write_json(work / f"{name}.json", rec)
+    archive = records.pack(str(work), str(tmp_path / "gpu_check_x.tar.gz"))
     assert decide.decide(decide.load(archive))["faster_on_cuda"] == ["gated_linear"]
     assert decide.main([str(work)])["faster_on_cuda"] == ["gated_linear"]
 
