@@ -99,6 +99,9 @@ def check_model_directory(start: ModelStart, data_settings: DataSettings, direct
     if classes is not None and classes != saved.num_classes and not start.reset_head:
         raise VTPError(f"--num-classes {classes}: {where} predicts {saved.num_classes} classes")
     size = start.shape.get("img_size")
+    if size is not None and "img_size" in start.from_kwargs and not _same(size, saved.img_size):
+        raise VTPError(f"--model-kwargs img_size={size!r}: {where} takes "
+                       f"{'x'.join(map(str, saved.img_size))} images; {keep_out}")
     if size is not None and not _same(size, saved.img_size):
         raise VTPError(f"--img-size {size}: {where} takes {'x'.join(map(str, saved.img_size))} "
                        f"images; {keep_out}")
@@ -112,15 +115,13 @@ def check_model_directory(start: ModelStart, data_settings: DataSettings, direct
     except (TypeError, ValueError) as e:
         raise VTPError(f"{what} {directory}: {e}") from None
     for key, value in shape.items():
-        flag = f"{_flag(key)} {value}" if key in _SHORTCUTS else f"--model-kwargs {key}={value!r}"
+        flag = (f"--model-kwargs {key}={value!r}" if key in start.from_kwargs
+                else f"{_flag(key)} {value}")
         if key not in have:
             raise VTPError(f"{flag}: cannot be checked against {where}; leave it out (the "
                            "directory's config.json gives the architecture)")
         if not _same(value, have[key]):
             raise VTPError(f"{flag}: {where} has {key} {have[key]!r}; {keep_out}")
-
-
-_SHORTCUTS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "img_size")
 
 
 def check_data(d: DataSettings, need_train: bool, batch_size: int) -> None:
@@ -238,10 +239,24 @@ def check_run_teacher(s: StageSettings) -> None:
     'gated' are made by the run itself)."""
     if not s.distill.distill or (s.distill.teacher or "dense") in ("dense", "gated"):
         return
-    classes, _ = teacher_shape(teacher_from_directory(s.distill.teacher))
+    classes, size = teacher_shape(teacher_from_directory(s.distill.teacher))
     want = expected_classes(s.data)
     if classes != want:
         raise VTPError(f"--teacher {s.distill.teacher} predicts {classes} classes, the data has {want}")
+    student = _student_img_size(s)
+    if size is not None and student is not None and tuple(size) != tuple(student):
+        raise VTPError(f"--teacher {s.distill.teacher} takes {'x'.join(map(str, size))} images, "
+                       f"the student {'x'.join(map(str, student))}")
+
+
+def _student_img_size(s: StageSettings):
+    """The image size of the model `vtp run` prunes, where the flags or a model directory
+    tell it without building the model; None otherwise."""
+    if s.data.img_size:
+        return (s.data.img_size,) * 2
+    if s.start.checkpoint and is_model_dir(s.start.checkpoint):
+        return read_config(s.start.checkpoint).img_size
+    return None
 
 
 def finetune_teacher(d: DistillSettings, source: str) -> Optional[TeacherSpec]:

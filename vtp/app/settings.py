@@ -85,6 +85,7 @@ class ModelStart:
     pretrained: bool = False               # timm's pretrained weights (by name or from a file)
     pretrained_path: Optional[str] = None
     shape: Dict[str, Any] = field(default_factory=dict)  # create_model arguments the flags give
+    from_kwargs: Tuple[str, ...] = ()      # the keys of `shape` --model-kwargs gave
     drop_path: float = 0.0
     sites: Tuple[str, ...] = ()
     seed: int = 0
@@ -92,14 +93,17 @@ class ModelStart:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelStart":
         shape = dict(getattr(args, "model_kwargs", None) or {})
+        from_kwargs = set(shape)
         for flag in SHAPE_FLAGS:
             if getattr(args, flag, None) is not None:
                 shape[flag] = getattr(args, flag)
+                from_kwargs.discard(flag)
         pretrained_path = getattr(args, "pretrained_path", None)
         return cls(model=getattr(args, "model", None), checkpoint=getattr(args, "checkpoint", None),
                    reset_head=bool(getattr(args, "reset_head", False)),
                    pretrained=bool(getattr(args, "pretrained", False) or pretrained_path),
                    pretrained_path=pretrained_path, shape=shape,
+                   from_kwargs=tuple(sorted(from_kwargs)),
                    drop_path=getattr(args, "drop_path", 0.0),
                    sites=tuple(getattr(args, "sites", None) or ()), seed=getattr(args, "seed", 0))
 
