@@ -10,7 +10,7 @@ import importlib.util
 import math
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import timm
 import torch
@@ -25,7 +25,7 @@ from .settings import DataSettings, DistillSettings, ModelStart, PruneSettings, 
 from .teacher import TeacherSpec, check_teacher, resolve_teacher, teacher_from_directory, teacher_shape
 
 __all__ = ["SOURCE_DIRS", "resolve_source", "check_source", "check_data", "check_start",
-           "check_model_directory", "check_prune", "check_plan_file", "check_distill_flags",
+           "check_model_directory", "check_prune", "check_plan_flags", "check_plan_file", "check_distill_flags",
            "check_trained_start", "check_run_teacher", "finetune_teacher", "check_runtime",
            "check_export_output", "expected_classes"]
 
@@ -161,26 +161,28 @@ def check_start(start: ModelStart, data_settings: DataSettings) -> None:
 def check_prune(p: PruneSettings) -> None:
     """Pruning settings that would otherwise fail only after sparse training: vtp.plan's
     own rule, and a --plan file that reads."""
-    try:
-        vtp.check_plan_args(**p.plan_args())
-    except ValueError as e:
-        raise VTPError(_plan_error_with_flags(str(e), p)) from None
+    check_plan_flags(p.plan_args())
     check_plan_file(p.plan)
 
 
 _PLAN_ARGS = ("flops_target", "round_to", "min_keep", "ratio", "scope")
 
 
-def _plan_error_with_flags(message: str, p: PruneSettings) -> str:
-    """vtp.plan's message ('scope: flops_target ranks ...; use scope='global'') in the
-    command's words ('--scope layer: --flops-target ranks ...; use --scope global')."""
-    name, _, rest = message.partition(": ")
-    if name in _PLAN_ARGS:
-        rest = re.sub(r"\b(%s)='?([\w.]+)'?" % "|".join(_PLAN_ARGS),
-                      lambda m: f"{_flag(m.group(1))} {m.group(2)}", rest)
-        rest = re.sub(r"\b(%s)\b" % "|".join(_PLAN_ARGS), lambda m: _flag(m.group(1)), rest)
-        return f"{_flag(name)} {getattr(p, name)}: {rest}"
-    return message
+def check_plan_flags(plan_args: Dict[str, Any]) -> None:
+    """vtp.check_plan_args on the values of the flags --ratio, --scope, --flops-target,
+    --round-to and --min-keep; its message in the command's words: 'scope: flops_target
+    ranks ...' becomes '--scope layer: --flops-target ranks ...'."""
+    try:
+        vtp.check_plan_args(**plan_args)
+    except ValueError as e:
+        name, _, rest = str(e).partition(": ")
+        if name not in _PLAN_ARGS:
+            raise VTPError(str(e)) from None
+        rest = re.sub(r"\b(%s)\b(?:='?([\w.]+)'?)?" % "|".join(_PLAN_ARGS),
+                      lambda m: _flag(m.group(1)) + (f" {m.group(2)}" if m.group(2) else ""), rest)
+        # a range error ends in 'got <value>'; another names the value after the flag
+        flag = _flag(name) if " got " in rest else f"{_flag(name)} {plan_args[name]}"
+        raise VTPError(f"{flag}: {rest}") from None
 
 
 def check_plan_file(path: Optional[str]) -> None:
