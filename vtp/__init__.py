@@ -14,7 +14,7 @@ from ._export import export
 from .io import load, read_config, save
 from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, KeptRmsNorm, PrunedAttention
 from .pruning_plan import PruningPlan
-from ._plan import plan
+from ._plan import check_plan_args, plan
 from ._profile import Profile, profile
 from ._prune import prune
 
@@ -23,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SITES", "add_gates", "gates", "l1_penalty", "param_groups", "gate_values", "gate_stats",
     "GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "PrunedAttention", "ConstantBranch",
-    "PruningPlan", "plan", "prune", "save", "load", "read_config", "export", "Profile", "profile",
+    "PruningPlan", "plan", "check_plan_args", "prune", "save", "load", "read_config", "export", "Profile", "profile",
 ]

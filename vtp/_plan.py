@@ -21,7 +21,7 @@ from .pruning_plan import PruningPlan
 from ._profile import profile
 from ._prune import prune, structure_copy
 
-__all__ = ["plan", "plan_macs", "DEFAULT_ROUND_TO"]
+__all__ = ["plan", "check_plan_args", "plan_macs", "DEFAULT_ROUND_TO"]
 
 # Kept counts in multiples of 8: on the CPU a GEMM whose output width is not one runs about
 # 25 % slower, and the pruned models of the recorded CPU benchmark run 0.86-0.88 of their
@@ -58,6 +58,28 @@ def _adjust(count: int, size: int, round_to: int, min_keep: int) -> int:
     return count
 
 
+def check_plan_args(ratio: Optional[float] = None, *, scope: str = "global",
+                    flops_target: Optional[float] = None, round_to: int = DEFAULT_ROUND_TO,
+                    min_keep: int = 0) -> None:
+    """The rule of ``plan``'s arguments, checked without a model: a ``ValueError`` whose
+    message starts with the name of the argument at fault. ``plan`` calls it first; a
+    command calls it before any work, so that a long job never fails at its pruning step."""
+    if (ratio is None) == (flops_target is None):
+        raise ValueError("plan: give exactly one of ratio= or flops_target=")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"ratio: expected a share of dims to remove in [0, 1), got {ratio!r}")
+    if flops_target is not None and not (isinstance(flops_target, (int, float)) and 0.0 < flops_target <= 1.0):
+        raise ValueError(f"flops_target: expected a share of dense MACs to keep in (0, 1], got {flops_target!r}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope: expected 'global' or 'layer', got {scope!r}")
+    if flops_target is not None and scope != "global":
+        raise ValueError("scope: flops_target ranks dims globally; use scope='global'")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to: expected an integer >= 1, got {round_to!r}")
+    if not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"min_keep: expected an integer >= 0, got {min_keep!r}")
+
+
 def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "global",
          flops_target: Optional[float] = None, round_to: int = DEFAULT_ROUND_TO, min_keep: int = 0,
          img_size=None, scores: Optional[Dict[str, torch.Tensor]] = None) -> PruningPlan:
@@ -81,20 +103,8 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     """
     found = require_gates(model)
     check_supported(model)
-    if (ratio is None) == (flops_target is None):
-        raise ValueError("plan: give exactly one of ratio= or flops_target=")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"ratio: expected a share of dims to remove in [0, 1), got {ratio!r}")
-    if flops_target is not None and not (isinstance(flops_target, (int, float)) and 0.0 < flops_target <= 1.0):
-        raise ValueError(f"flops_target: expected a share of dense MACs to keep in (0, 1], got {flops_target!r}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope: expected 'global' or 'layer', got {scope!r}")
-    if flops_target is not None and scope != "global":
-        raise ValueError("scope: flops_target ranks dims globally; use scope='global'")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to: expected an integer >= 1, got {round_to!r}")
-    if not isinstance(min_keep, int) or min_keep < 0:
-        raise ValueError(f"min_keep: expected an integer >= 0, got {min_keep!r}")
+    check_plan_args(ratio, scope=scope, flops_target=flops_target, round_to=round_to,
+                    min_keep=min_keep)
 
     if any(g.is_meta for g in found.values()):
         raise ValueError("plan: the gates are on the meta device; a plan needs their values")

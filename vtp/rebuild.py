@@ -33,7 +33,7 @@ from timm.models.vision_transformer_sam import VisionTransformerSAM
 from .architectures import branches, drop_path_slots
 from ._profile import default_img_size, input_channels
 
-__all__ = ["describe", "build", "read_drop_path_rate", "CLASSES"]
+__all__ = ["describe", "build", "read_model_args", "read_drop_path_rate", "CLASSES"]
 
 # Classes a description may name instead of a timm architecture: never arbitrary code.
 CLASSES = {
@@ -223,6 +223,13 @@ def architecture_name(model: nn.Module) -> Optional[str]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") if isinstance(cfg, dict) else None
     return name if isinstance(name, str) and timm.is_model(name) else None
+
+
+def read_model_args(model: nn.Module) -> Dict[str, Any]:
+    """Every constructor argument VTP reads off a model of a supported family, whether or
+    not it differs from what the model's name builds (``describe`` keeps only those that
+    do); ``TypeError`` for another family."""
+    return _read(_family(model), model)
 
 
 def describe(model: nn.Module) -> Dict[str, Any]:

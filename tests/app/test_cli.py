@@ -236,6 +236,7 @@ def test_bad_values_and_pruning_settings_stop_before_any_work(capsys, tmp_path, 
                 TINY_MODEL, FAST)
     err = cli_error(capsys, run + ["--flops-target", "0.5", "--scope", "layer"])
     assert "--flops-target" in err and "--scope layer" in err
+    assert "--scope layer: --flops-target ranks dims globally; use --scope global" in err
     assert "--plan nope.json: file not found" in cli_error(capsys, run + ["--plan", "nope.json"])
     (tmp_path / "bad.json").write_text("{")
     assert f"--plan {tmp_path / 'bad.json'}: plan: not valid JSON" in cli_error(

@@ -100,6 +100,17 @@ def test_json_round_trip(model, tmp_path):
 def test_bad_arguments_are_named(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         vtp.plan(model, **kwargs)
+    if match != "out of reach":  # the one rule that needs the model
+        with pytest.raises(ValueError, match=match):
+            vtp.check_plan_args(**kwargs)
+
+
+def test_check_plan_args_accepts_what_plan_accepts():
+    vtp.check_plan_args(0.4)
+    vtp.check_plan_args(0.0, scope="layer", round_to=1, min_keep=2)
+    vtp.check_plan_args(flops_target=1.0)
+    with pytest.raises(ValueError, match=r"^scope: flops_target"):
+        vtp.check_plan_args(flops_target=0.5, scope="layer")
 
 
 def test_plan_needs_gates_and_valid_json():

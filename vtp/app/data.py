@@ -22,7 +22,8 @@ from .errors import VTPError
 __all__ = [
     "DataSpec", "SyntheticImages", "build_datasets", "train_loader", "eval_loader",
     "build_mixup", "steps_per_epoch", "check_data_args", "image_folder", "train_transform",
-    "eval_transform", "with_transform", "train_steps",
+    "eval_transform", "with_transform", "train_steps", "mixup_from", "train_transform_from",
+    "eval_transform_from",
 ]
 
 
@@ -251,3 +252,22 @@ def build_mixup(*, no_aug: bool, mixup: float, cutmix: float, prob: float, switc
         return None
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
                  mode=mode, label_smoothing=smoothing, num_classes=num_classes)
+
+
+# The same, from a stage's DataSettings (settings.py), read field by field.
+
+def mixup_from(d, num_classes: int) -> Optional[Mixup]:
+    return build_mixup(no_aug=d.no_aug, mixup=d.mixup, cutmix=d.cutmix, prob=d.mixup_prob,
+                       switch_prob=d.mixup_switch_prob, mode=d.mixup_mode, smoothing=d.smoothing,
+                       num_classes=num_classes)
+
+
+def train_transform_from(d, img_size, norm: Dict[str, Sequence[float]]):
+    return train_transform(img_size, no_aug=d.no_aug, aa=d.aa, color_jitter=d.color_jitter,
+                           reprob=d.reprob, remode=d.remode, recount=d.recount,
+                           interpolation=d.interpolation, mean=norm["mean"], std=norm["std"])
+
+
+def eval_transform_from(d, img_size, norm: Dict[str, Sequence[float]]):
+    return eval_transform(img_size, crop_pct=d.crop_pct, interpolation=d.interpolation,
+                          mean=norm["mean"], std=norm["std"])

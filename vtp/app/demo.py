@@ -24,9 +24,11 @@ from vtp import add_gates, gates, l1_penalty, param_groups, plan, profile, prune
 from vtp.atomic import write_json
 from vtp._plan import DEFAULT_ROUND_TO
 
+from .checks import check_plan_flags
 from .data import eval_loader
 from .distill import Distiller
 from .distributed import DistInfo
+from .errors import VTPError
 from .evaluate import evaluate, measure_throughput
 from .mnist import load_mnist_5k, train_test_split
 from .report import plot_gate_hist, plot_kept
@@ -150,7 +152,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("dense_epochs", "sparse_epochs", "finetune_epochs", "threads"):
         if getattr(args, name) < 0:
             fail(name.replace("_", "-"), "an integer >= 0", getattr(args, name))
-    for name in ("batch_size", "round_to"):
+    for name in ("batch_size",):
         if getattr(args, name) < 1:
             fail(name.replace("_", "-"), "an integer >= 1", getattr(args, name))
     for name in ("lr", "gate_lr", "finetune_lr"):
@@ -158,10 +160,11 @@ def _check_args(args: argparse.Namespace) -> None:
             fail(name.replace("_", "-"), "a learning rate > 0", getattr(args, name))
     if not args.lam >= 0:
         fail("lam", "a penalty weight >= 0", args.lam)
-    if args.ratio is not None and not 0 <= args.ratio < 1:
-        fail("ratio", "a share of gated dims to prune in [0, 1)", args.ratio)
-    if args.ratio is None and not 0 < args.flops_target <= 1:
-        fail("flops-target", "a share of the dense MACs to keep in (0, 1]", args.flops_target)
+    try:  # vtp.plan's own rule, in the flags' words
+        check_plan_flags(dict(ratio=args.ratio, round_to=args.round_to,
+                              flops_target=args.flops_target if args.ratio is None else None))
+    except VTPError as e:
+        raise ValueError(str(e)) from None
     if not 0 <= args.distill_alpha <= 1:
         fail("distill-alpha", "a weight in [0, 1]", args.distill_alpha)
     if not args.distill_tau > 0:

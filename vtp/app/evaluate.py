@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .distributed import DistInfo, all_reduce_sum
 
-__all__ = ["autocast", "evaluate", "measure_throughput"]
+__all__ = ["autocast", "evaluate", "measure_throughput", "throughput_spread"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: str):
@@ -84,3 +84,15 @@ def measure_throughput(models: Dict[str, nn.Module], img_size: Tuple[int, int], 
                 times[name].append(time.perf_counter() - start)
     return {name: {"images_per_s": batch_size / statistics.median(t), "batch_size": batch_size,
                    "seconds": t} for name, t in times.items()}
+
+
+def throughput_spread(seconds: Sequence[float], batch_size: int) -> Dict[str, Any]:
+    """Images/s of timed batches: the median, the quartiles (q1 from the slower quarter of
+    the batches, q3 from the faster) and the extremes, and how many batches were timed."""
+    ips = sorted(batch_size / t for t in seconds)
+    if len(ips) == 1:
+        q1 = q3 = ips[0]
+    else:
+        q1, _, q3 = statistics.quantiles(ips, n=4, method="inclusive")
+    return {"images_per_s": statistics.median(ips), "q1": q1, "q3": q3, "min": ips[0],
+            "max": ips[-1], "repeats": len(ips)}

@@ -30,7 +30,7 @@ __all__ = [
     "add_data_args", "add_model_args", "add_train_args", "add_prune_args", "add_eval_args",
     "add_distill_args",
     "add_system_args", "add_output_args", "add_config_arg", "apply_yaml_config",
-    "load_yaml_config", "resolved_config", "write_config", "model_kwargs_from_args",
+    "load_yaml_config", "resolved_config", "write_config",
     "positive_int",
 ]
 
@@ -186,13 +186,15 @@ def add_data_args(parser: argparse.ArgumentParser, train: bool = True) -> None:
 def add_model_args(parser: argparse.ArgumentParser, dense: bool = True) -> None:
     group = parser.add_argument_group("model")
     if dense:
-        group.add_argument("--model", default="deit_base_patch16_224",
+        group.add_argument("--model", default=None,
                            help="timm model name (random weights unless --pretrained or "
-                                "--checkpoint)")
+                                "--checkpoint); default: the architecture a --checkpoint "
+                                "directory names, else deit_base_patch16_224")
         group.add_argument(
             "--checkpoint", metavar="PATH", default=None,
             help="weights to start from: a local timm .pth/.pt/.safetensors file or a "
-                 "directory written by vtp.save (e.g. `vtp train`'s model/); nothing is "
+                 "directory written by vtp.save (e.g. `vtp train`'s model/), which also gives "
+                 "the architecture: model flags given with it must agree with it; nothing is "
                  "downloaded")
         group.add_argument("--reset-head", action="store_true",
                            help="drop the checkpoint's classifier when its class count differs")
@@ -276,7 +278,9 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
                     help="also checkpoint every N optimizer steps (0: only at epoch ends)")
     ck.add_argument("--resume", action="store_true",
                     help="continue from the checkpoint in --output (same model, optimizer, "
-                         "schedule, data position and random state)")
+                         "schedule, data position and random state); an --output with no "
+                         "checkpoint yet starts from the beginning, so a killed job can always "
+                         "be re-run with the same command")
     ck.add_argument("--stop-after-steps", type=positive_int, default=None,
                     help="checkpoint and stop once the training stage reaches this optimizer "
                          "step (for time-limited jobs; continue with --resume)")
@@ -366,16 +370,6 @@ def add_system_args(parser: argparse.ArgumentParser) -> None:
                             "gloo on CPU)")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show a progress bar (rank 0)")
-
-
-def model_kwargs_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """timm.create_model keyword arguments from --model-kwargs and the shortcut flags."""
-    kwargs = dict(getattr(args, "model_kwargs", None) or {})
-    for flag in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "img_size"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            kwargs[flag] = value
-    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,14 +20,8 @@ from vtp.rebuild import read_drop_path_rate
 
 from .errors import VTPError
 
-__all__ = ["starts_pretrained", "create_dense_model", "pretrained_classes", "read_state_dict", "load_weights",
+__all__ = ["create_dense_model", "pretrained_classes", "read_state_dict", "load_weights",
            "load_state", "load_vtp_model", "set_drop_path"]
-
-
-def starts_pretrained(args) -> bool:
-    """Whether the flags start the model from timm's pretrained weights: by name
-    (--pretrained) or from a local file (--pretrained-path)."""
-    return bool(getattr(args, "pretrained", False) or getattr(args, "pretrained_path", None))
 
 
 def create_dense_model(name: str, num_classes: int, model_kwargs: Dict[str, Any],

@@ -43,16 +43,15 @@ class TeacherSpec:
         return f"{d.get('model')} from {d.get('checkpoint')}"
 
 
-def dense_record(args, num_classes: int, model_kwargs: Dict[str, Any],
+def dense_record(start, name: str, num_classes: int, model_kwargs: Dict[str, Any],
                  head_reset: bool) -> Dict[str, Any]:
-    """What a dense starting model was built from: enough to build it again."""
-    checkpoint = getattr(args, "checkpoint", None)
-    pretrained_path = getattr(args, "pretrained_path", None)
+    """What a dense starting model was built from (`start`, a settings.ModelStart; `name`
+    and `model_kwargs`, the architecture it built): enough to build it again."""
     return {
-        "model": args.model, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
-        "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-        "pretrained": models.starts_pretrained(args),
-        "pretrained_path": os.path.abspath(pretrained_path) if pretrained_path else None,
+        "model": name, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
+        "checkpoint": os.path.abspath(start.checkpoint) if start.checkpoint else None,
+        "pretrained": bool(start.pretrained),
+        "pretrained_path": os.path.abspath(start.pretrained_path) if start.pretrained_path else None,
         # A classifier started afresh knows nothing of the classes: no teacher.
         "head_reset": bool(head_reset),
     }
