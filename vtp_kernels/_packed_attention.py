@@ -535,8 +535,9 @@ packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_c
 def packed_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None
 ) -> torch.Tensor:
-    """Triton twin of ``reference.packed_attention``: q, k ``[B, H, N, D]``, v ``[B, N, sum(v_widths)]``
-    packed per head; returns ``[B, N, sum(v_widths)]`` packed the same way. Any strides."""
+    """Triton twin of ``reference.packed_attention``: q, k ``[B, H, N, Dqk]``, v ``[B, N, sum(v_widths)]``
+    packed per head (a width may exceed Dqk); returns ``[B, N, sum(v_widths)]`` packed the
+    same way. Any strides."""
     widths = reference.check_value_layout(q, v, v_widths)
     D = q.shape[-1]
     if k.shape != q.shape:
@@ -547,6 +548,6 @@ def packed_attention_triton(
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     if scale is None:
-        scale = D ** -0.5
+        scale = reference.default_scale(D)
     out, _ = packed_attention_fwd_op(q, k, v, widths, float(scale))
     return out
