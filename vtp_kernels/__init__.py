@@ -51,10 +51,13 @@ def layer_norm_gather(
 def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None, v_padded: bool = False, v_head_width: Optional[int] = None,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention over heads with per-head value widths; q, k ``[B, H, N, Dqk]``; V packed,
     or padded to ``v_head_width`` columns per head (``v_padded``; default Dqk); the output
-    packed. A value width may exceed Dqk. See the reference.
+    packed. A value width may exceed Dqk. ``qk_gate`` ``[H, Dqk]`` (or ``[H, 1, Dqk]``)
+    scales each query/key dim's share of the scores; the kernel applies it to its q tiles.
+    See the reference.
 
     The Triton kernel takes no additive bias: attention with a position bias or a mask
     (``attn_bias``) always runs the reference. It reads packed V: a padded one is gathered
@@ -64,5 +67,5 @@ def packed_attention(
             widths = reference.check_value_layout(q, v, v_widths, True, v_head_width)
             vw = q.shape[-1] if v_head_width is None else int(v_head_width)
             v = v.index_select(-1, reference.padded_value_columns(tuple(widths), vw, v.device))
-        return packed_attention_triton(q, k, v, v_widths, scale)
-    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded, v_head_width)
+        return packed_attention_triton(q, k, v, v_widths, scale, qk_gate)
+    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded, v_head_width, qk_gate)

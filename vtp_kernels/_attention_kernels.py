@@ -4,13 +4,14 @@ What they compute, the kept-heads table, the alignments they are promised and wh
 sm_90a compiler makes of them are described in ``vtp_kernels._packed_attention``, which
 launches them; this module holds only the kernels and their launch configurations.
 """
-__all__ = ["DELTA_BLOCK_M", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "attn_fwd"]
 from typing import List, Sequence, Tuple
 
 import triton
 import triton.language as tl
 
 from ._utils import autotune_configs
+
+__all__ = ["DELTA_BLOCK_M", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "attn_fwd"]
 
 # Scores are kept in base 2 (s · scale · log2 e) so the kernels can use exp2/log2; the
 # stored log-sum-exp is in base 2 as well.
@@ -44,7 +45,7 @@ _DKDV_CONFIGS = _configs((128, 128), [(32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 
 _DQ_CONFIGS = _configs((128, 128), [(64, 32, 4, 3), (128, 32, 4, 2), (64, 64, 4, 3),
                                     (128, 64, 8, 2)])
 DELTA_BLOCK_M = 128
-_KEY = ["N", "HEAD_DIM", "BLOCK_V"]
+_KEY = ["N", "HEAD_DIM", "BLOCK_V", "GATED"]
 # Triton would specialise every integer argument on being divisible by 16 (or equal to 1),
 # so a pruned model, whose blocks each have their own head count, packed width and qkv row,
 # would compile every kernel once per block. The alignment the kernels need is promised
@@ -70,6 +71,14 @@ def _aligned(value, ALIGN: tl.constexpr):
     is one. Triton detects multiples of 16 by itself; this also covers a qkv row of, say,
     2·H·D + 232 columns, so loads stay 16-byte vectors there too."""
     return value // ALIGN * ALIGN
+
+
+@triton.jit
+def _gate_row(Gate, h, offs_d, d_ok, HEAD_DIM: tl.constexpr):
+    """Head h's query/key gate, fp32 [BLOCK_D] (``Gate`` is [H, HEAD_DIM], contiguous).
+    A q tile is multiplied by it in fp32 and rounded back to q's dtype, as ``q * gate``
+    in q's dtype rounds it; the scores then come out of the one dot as before."""
+    return tl.load(Gate + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,13 +115,13 @@ def _attn_fwd_inner(
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def attn_fwd(
-    Q, K, V, Out, Lse, Heads,
+    Q, K, V, Out, Lse, Heads, Gate,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vn, stride_vc,
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
@@ -133,6 +142,8 @@ def attn_fwd(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)                 # [BLOCK_M, BLOCK_D]
+    if GATED:
+        q = (q.to(tl.float32) * _gate_row(Gate, h, offs_d, d_ok, HEAD_DIM)[None, :]).to(q.dtype)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + v_off * stride_vc
 
@@ -190,18 +201,19 @@ def attn_bwd_delta(
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
 @triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
 def attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, Heads,
+    Q, K, V, DO, Lse, Delta, DK, DV, Heads, Gate,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vn, stride_vc,
     stride_dob, stride_don, stride_doc,
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per key block: dV = Pᵀ dO and dK = dSᵀ Q · scale, over all query blocks.
-    Works on transposed tiles (keys along rows) so both are plain row-block results."""
+    """One program per key block: dV = Pᵀ dO and dK = dSᵀ Q · scale, over all query blocks
+    (GATED: Q times the gate, which is what the scores were made of). Works on transposed
+    tiles (keys along rows) so both are plain row-block results."""
     stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
     stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
@@ -226,6 +238,8 @@ def attn_bwd_dkdv(
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + v_off * stride_doc
     row_base = pid_bh.to(tl.int64) * N          # lse and delta: [B, kept heads, N]
+    if GATED:
+        gate = _gate_row(Gate, h, offs_d, d_ok, HEAD_DIM)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -234,6 +248,8 @@ def attn_bwd_dkdv(
         m_ok = offs_m < N
         qT = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
                      mask=d_ok[:, None] & m_ok[None, :], other=0.0)            # [BLOCK_D, BLOCK_M]
+        if GATED:
+            qT = (qT.to(tl.float32) * gate[:, None]).to(qT.dtype)
         # lse = +inf on query rows >= N makes their probabilities exactly 0.
         lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=float("inf"))
         pT = tl.math.exp2(tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
@@ -253,21 +269,28 @@ def attn_bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
+# The autotuner times every config on the real buffers: DGate is zeroed after that, since
+# a config with smaller query blocks writes rows the chosen one does not.
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, reset_to_zero=["DGate"])
+@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD + ["dgate_rows"])
 def attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, Heads,
+    Q, K, V, DO, Lse, Delta, DQ, Heads, Gate, DGate, dgate_rows,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vn, stride_vc,
     stride_dob, stride_don, stride_doc,
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per query block: dQ = dS K · scale, over all key blocks (v_total: the
-    shared launch arguments; dQ never needs it)."""
+    shared launch arguments; dQ never needs it).
+
+    GATED: the scores were made of G = Q · a (a the head's gate), so dQ = dG · a, and this
+    block's share of the gate's gradient, sum over its rows of Q ⊙ dG, goes to its own
+    row of DGate ([B · kept heads, dgate_rows >= query blocks, HEAD_DIM], fp32, zeroed),
+    which the host sums: one writer per element, no atomics."""
     stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
     stride_vb, stride_vn = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN)
@@ -288,6 +311,10 @@ def attn_bwd_dq(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)                 # [BLOCK_M, BLOCK_D]
+    q_in = q
+    if GATED:
+        gate = _gate_row(Gate, h, offs_d, d_ok, HEAD_DIM)
+        q = (q.to(tl.float32) * gate[None, :]).to(q.dtype)
     do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_don + (v_off + offs_v[None, :]) * stride_doc,
                  mask=m_ok[:, None] & v_ok[None, :], other=0.0)                # [BLOCK_M, BLOCK_V]
     lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=0.0)
@@ -310,5 +337,10 @@ def attn_bwd_dq(
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
+    if GATED:
+        # Rows >= N loaded q = 0: they add nothing to the gate's gradient.
+        tl.store(DGate + (pid_bh.to(tl.int64) * dgate_rows + pid_m) * HEAD_DIM + offs_d,
+                 tl.sum(q_in.to(tl.float32) * dq, 0), mask=d_ok)
+        dq = dq * gate[None, :]
     tl.store(DQ + ((b * H + h) * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -8,6 +8,16 @@ projection reads the head outputs packed the same way::
     v    : [B, N, sum(v_widths)]  head h at columns [off_h, off_h + v_widths[h])
     out  : [B, N, sum(v_widths)]  same packing; out_h = softmax(q_h k_hᵀ · scale) v_h
 
+D is the query/key width, which pruning the ``attn_qk`` gate shrinks on its own: a value
+width may be larger than D (``BLOCK_D`` and ``BLOCK_V`` are separate tile widths), and D
+may be 0 (all scores 0). An optional ``qk_gate`` [H, D] multiplies each q tile as it is
+loaded (s = scale · Σ_d a_d q_d k_d) instead of a separate ``q * gate`` pass over q and
+its gradient: benchmarks/results/qk_gate_cost_cpu.json measured that pass at 5 % of a
+DeiT-S attention step on the CPU, above the 3 % that issue 17 set for building this.
+The dK/dV kernel multiplies its q tiles the same way; the dQ kernel computes dG (the
+gradient of q · a), returns dQ = dG · a and writes each query block's Σ_rows q ⊙ dG to a
+row of its own, which the host sums into the gate's gradient.
+
 The kernels follow Triton's fused-attention tutorial (FlashAttention-2):
 
     forward   one program per (batch·kept head, query block): online softmax over key
@@ -116,7 +126,10 @@ def _launch_args(q, k, v, do, widths: Tuple[int, ...]) -> Tuple[List[int], dict]
     return strides, meta
 
 
-def _forward(q, k, v, widths: Tuple[int, ...], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, widths: Tuple[int, ...], scale: float,
+             gate: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out and the row log-sum-exp; ``gate`` ([H, D] contiguous) scales q's columns
+    per head inside the kernel, or None."""
     B, H, N, D = q.shape
     v_total = sum(widths)
     table, _ = _head_table(widths, q.device)
@@ -128,17 +141,23 @@ def _forward(q, k, v, widths: Tuple[int, ...], scale: float) -> Tuple[torch.Tens
     strides, meta = _launch_args(q, k, v, None, widths)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
     with on_device(q):
-        attn_fwd[grid](q, k, v, out, lse, table, *strides, H, N, n_kept, v_total, scale, **meta)
+        attn_fwd[grid](q, k, v, out, lse, table, gate, *strides, H, N, n_kept, v_total, scale,
+                       GATED=gate is not None, **meta)
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
-              need_dq: bool, need_dkv: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float, need_dq: bool, need_dkv: bool,
+              gate: Optional[torch.Tensor] = None,
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dgate); with a ``gate``, dgate is fp32 [H, D] and dq is computed (the
+    gate's gradient comes out of the dQ kernel), else dgate is empty."""
     B, H, N, D = q.shape
     v_total = sum(widths)
     table, _ = _head_table(widths, q.device)
     n_kept = table.shape[0]
     dropped = [h for h, w in enumerate(widths) if w == 0]
+    gated = gate is not None
+    need_dq = need_dq or gated
 
     def nothing() -> torch.Tensor:  # a fresh one each time: custom op outputs may not alias
         return q.new_empty(0)
@@ -152,11 +171,17 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
     dq = head_grad() if need_dq else nothing()
     dk = head_grad() if need_dkv else nothing()
     dv = new_empty((B, N, v_total), device=v.device, dtype=v.dtype) if need_dkv else nothing()
+    dgate = q.new_zeros(H, D, dtype=torch.float32) if gated else nothing()
     if n_kept == 0 or B == 0 or N == 0 or not (need_dq or need_dkv):
-        return dq, dk, dv
+        return dq, dk, dv, dgate
 
     strides, meta = _launch_args(q, k, v, do, widths)
+    meta["GATED"] = gated
     delta = new_empty(lse.shape, device=lse.device, dtype=lse.dtype)
+    # One row of gate-gradient partials per query block of the config with the smallest
+    # blocks; a config with larger ones leaves its extra rows at zero.
+    dgate_rows = triton.cdiv(N, min(c.kwargs["BLOCK_M"] for c in attn_bwd_dq.configs)) if gated else 0
+    partials = q.new_zeros(B, n_kept, dgate_rows, D, dtype=torch.float32) if gated else None
     with on_device(q):
         attn_bwd_delta[(triton.cdiv(N, DELTA_BLOCK_M), B * n_kept)](
             out, do, delta, table, *strides[-3:], H, N, n_kept, v_total,
@@ -164,13 +189,15 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
         )
         if need_dkv:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * n_kept)  # noqa: E731
-            attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, table, *strides,
-                                 H, N, n_kept, v_total, scale, **meta)
+            attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, table, gate, *strides,
+                                H, N, n_kept, v_total, scale, **meta)
         if need_dq:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
-            attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, *strides,
-                               H, N, n_kept, v_total, scale, **meta)
-    return dq, dk, dv
+            attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, gate, partials, dgate_rows, *strides,
+                              H, N, n_kept, v_total, scale, **meta)
+    if gated:   # heads without values keep a zero gradient: nothing they score reaches the output
+        dgate.index_copy_(0, table[:, 0].long(), partials.sum((0, 2)))
+    return dq, dk, dv, dgate
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,14 +205,16 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("vtp::packed_attention_fwd", mutates_args=())
 def packed_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: List[int], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: List[int], scale: float,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, N, sum(v_widths)], lse [B, kept heads, N] fp32, base 2)."""
-    return _forward(q, k, v, tuple(v_widths), scale)
+    """(out [B, N, sum(v_widths)], lse [B, kept heads, N] fp32, base 2); ``qk_gate``
+    [H, D] contiguous or None."""
+    return _forward(q, k, v, tuple(v_widths), scale, qk_gate)
 
 
 @packed_attention_fwd_op.register_fake
-def packed_attention_fwd_fake(q, k, v, v_widths, scale):
+def packed_attention_fwd_fake(q, k, v, v_widths, scale, qk_gate=None):
     B, _, N, _ = q.shape
     n_kept = sum(1 for w in v_widths if w > 0)
     return v.new_empty(B, N, sum(v_widths)), q.new_empty(B, n_kept, N, dtype=torch.float32)
@@ -195,33 +224,39 @@ def packed_attention_fwd_fake(q, k, v, v_widths, scale):
 def packed_attention_bwd_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, v_widths: List[int], scale: float,
-    need_dq: bool, need_dkv: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv); a gradient not asked for comes back as an empty tensor."""
-    return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv)
+    need_dq: bool, need_dkv: bool, qk_gate: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dgate); a gradient not asked for comes back as an empty tensor. With a
+    gate, dq is always computed and dgate is fp32 [H, D]."""
+    return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv, qk_gate)
 
 
 @packed_attention_bwd_op.register_fake
-def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv):
-    return (q.new_empty(q.shape) if need_dq else q.new_empty(0),
+def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv, qk_gate=None):
+    gated = qk_gate is not None
+    return (q.new_empty(q.shape) if need_dq or gated else q.new_empty(0),
             k.new_empty(k.shape) if need_dkv else q.new_empty(0),
-            v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0))
+            v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0),
+            q.new_empty(qk_gate.shape, dtype=torch.float32) if gated else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, v_widths, scale = inputs
+    q, k, v, v_widths, scale, qk_gate = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, qk_gate)
     ctx.v_widths, ctx.scale = v_widths, scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_rule(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, qk_gate = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq, dk, dv = packed_attention_bwd_op(
-        grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v)
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
+    need_gate = ctx.needs_input_grad[5]
+    dq, dk, dv, dgate = packed_attention_bwd_op(
+        grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v,
+        qk_gate if need_gate else None)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None,
+            dgate.to(qk_gate.dtype) if need_gate else None)
 
 
 packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -231,21 +266,29 @@ packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_c
 # Public entry point
 # ---------------------------------------------------------------------------------------
 def packed_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Triton twin of ``reference.packed_attention``: q, k ``[B, H, N, Dqk]``, v ``[B, N, sum(v_widths)]``
     packed per head (a width may exceed Dqk); returns ``[B, N, sum(v_widths)]`` packed the
-    same way. Any strides."""
+    same way. Any strides. ``qk_gate`` (``[H, Dqk]`` or ``[H, 1, Dqk]``) multiplies each q
+    tile inside the kernels, and its gradient is reduced in the dQ kernel."""
     widths = reference.check_value_layout(q, v, v_widths)
+    gate = reference.check_qk_gate(q, qk_gate)
     D = q.shape[-1]
     if k.shape != q.shape:
         raise ValueError(f"k: expected shape {list(q.shape)} like q, got {list(k.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(f"q, k, v: expected one dtype among float16, bfloat16, float32; "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if gate is not None and gate.dtype not in _DTYPES:
+        raise ValueError(f"qk_gate: expected float16, bfloat16 or float32, got {gate.dtype}")
     if scale is None:
         scale = reference.default_scale(D)
-    out, _ = packed_attention_fwd_op(q, k, v, widths, float(scale))
+    out, _ = packed_attention_fwd_op(q, k, v, widths, float(scale), None if gate is None else gate.contiguous())
     return out
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_value_layout", "default_scale", "gated_linear", "layer_norm_gather", "packed_attention",
+__all__ = ["check_qk_gate", "check_value_layout", "default_scale", "gated_linear", "layer_norm_gather", "packed_attention",
            "padded_value_columns"]
 
 
@@ -74,9 +74,10 @@ def packed_attention(
     attn_bias: Optional[torch.Tensor] = None,
     v_padded: bool = False,
     v_head_width: Optional[int] = None,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax attention whose heads have different value widths, and a query/key width of
-    their own.
+    their own; optionally a gate per query/key dim of each head.
 
     q, k: ``[B, H, N, Dqk]``; v: ``[B, N, sum(v_widths)]`` with head ``h``'s values packed
     at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``, or, with ``v_padded``,
@@ -87,7 +88,9 @@ def packed_attention(
     ``[B, N, sum(v_widths)]``, packed, ready for the output projection. ``scale`` defaults
     to ``Dqk ** -0.5``; callers pass the model's own, which pruning does not change.
     ``attn_bias`` is added to the scores (``[..., H, N, N]`` or broadcastable to it, as
-    ``scaled_dot_product_attention`` takes).
+    ``scaled_dot_product_attention`` takes). ``qk_gate`` (``[H, Dqk]`` or ``[H, 1, Dqk]``)
+    scales dim d of head h's scores, s = scale · Σ_d a_d q_d k_d: here ``q * gate`` (in
+    q's dtype); the Triton kernel applies it to the q tile inside.
 
     Computed by one ``scaled_dot_product_attention`` call at one width W for q, k and v,
     then gathering the kept columns: W is the wider of Dqk and V's head width (a padded V's
@@ -105,9 +108,12 @@ def packed_attention(
     widths = check_value_layout(q, v, v_widths, v_padded, v_head_width)
     if k.shape != q.shape:
         raise ValueError(f"k: expected shape {list(q.shape)} like q, got {list(k.shape)}")
+    gate = check_qk_gate(q, qk_gate)
     B, H, N, D = q.shape
     total = sum(widths)
     scale = default_scale(D) if scale is None else scale
+    if gate is not None:
+        q = q * gate.to(q.dtype).unsqueeze(1)
     if total == 0:
         return v[..., :0].clone()  # empty, but in the graph as the kernel's output is
     if v_padded:
@@ -139,6 +145,21 @@ def default_scale(qk_width: int) -> float:
     """The softmax scale when the caller gives none: ``qk_width ** -0.5``. With no query/key
     dims every score is 0 whatever it is multiplied by, so 1.0 stands in."""
     return qk_width ** -0.5 if qk_width > 0 else 1.0
+
+
+def check_qk_gate(q: torch.Tensor, qk_gate: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``qk_gate`` as ``[H, Dqk]`` (a view), after checking it against q ``[B, H, N, Dqk]``:
+    ``[H, Dqk]`` or ``[H, 1, Dqk]``, floating point, on q's device. None stays None."""
+    if qk_gate is None:
+        return None
+    H, D = q.shape[1], q.shape[-1]
+    if not isinstance(qk_gate, torch.Tensor) or tuple(qk_gate.shape) not in ((H, D), (H, 1, D)):
+        got = list(qk_gate.shape) if isinstance(qk_gate, torch.Tensor) else type(qk_gate).__name__
+        raise ValueError(f"qk_gate: expected a tensor of shape [{H}, {D}] or [{H}, 1, {D}] (heads, q/k dims), got {got}")
+    if not qk_gate.is_floating_point() or qk_gate.device != q.device:
+        raise ValueError(f"qk_gate: expected a floating-point tensor on {q.device}, "
+                         f"got {qk_gate.dtype} on {qk_gate.device}")
+    return qk_gate.reshape(H, D)
 
 
 def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], v_padded: bool = False,

@@ -374,3 +374,129 @@ def test_no_query_key_dims(backend):
     torch.testing.assert_close(dv, dout.mean(1, keepdim=True).expand(B, N, sum(widths)), rtol=1e-6, atol=1e-6)
     for g in (dq, dk):
         assert g is None or g.shape == (B, H, N, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The query/key gate (attn_qk): s = scale · Σ_d a_d q_d k_d
+# ---------------------------------------------------------------------------------------
+def make_gate(H, D, zero_dims=()):
+    """A gate [H, 1, D] as the gated model holds it: fp32, values around 1, some dims 0."""
+    gate = torch.rand(H, 1, D) + 0.5
+    for h, d in zero_dims:
+        gate[h, 0, d] = 0.0
+    return gate.requires_grad_()
+
+
+@pytest.mark.parametrize("H,D,widths", CASES[:1] + CASES[4:], ids=CASE_IDS[:1] + CASE_IDS[4:])
+def test_reference_gate_is_the_product_and_the_pruned_attention(H, D, widths):
+    """float64: the gated reference is the per-head loop on q * gate; a gate of ones is no
+    gate; and a gate that is 0 on some dims (head 0's first half) and 1 elsewhere is the
+    attention with those q/k columns removed at the same scale: what pruning them leaves."""
+    qkv = make_qkv(2, 13, H, D, widths, torch.float64)
+    q, k, v = split_qkv(qkv, H, D)
+    gate = make_gate(H, D).detach().double()
+    want = loop_attention(q * gate, k, v, widths, D ** -0.5)
+    torch.testing.assert_close(reference.packed_attention(q, k, v, widths, qk_gate=gate), want,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.packed_attention(q, k, v, widths, qk_gate=torch.ones(H, D).double()),
+                               reference.packed_attention(q, k, v, widths), rtol=0, atol=0)
+    keep = torch.arange(D) >= D // 2
+    halves = torch.ones(H, D, dtype=torch.float64)
+    halves[0, ~keep] = 0.0
+    outs, off = [], 0
+    for h, w in enumerate(widths):
+        cols = keep if h == 0 else torch.ones(D, dtype=torch.bool)
+        p = torch.softmax(q[:, h][..., cols] @ k[:, h][..., cols].transpose(-1, -2) * D ** -0.5, dim=-1)
+        outs.append(p @ v[..., off:off + w])
+        off += w
+    torch.testing.assert_close(reference.packed_attention(q, k, v, widths, qk_gate=halves), torch.cat(outs, -1),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N", [197, 13])
+@pytest.mark.parametrize("H,D,widths", CASES[:1] + CASES[3:], ids=CASE_IDS[:1] + CASE_IDS[3:])
+def test_gated_forward_backward_match_reference(H, D, widths, N, dtype):
+    """The kernel with the gate applied to its q tiles against the reference's q * gate, in
+    fp32 on upcast copies: output, the gradients of qkv and of the gate (reduced from the
+    dQ kernel's per-block partials). Tolerances as for the ungated kernel: the gate adds
+    one fp32 multiply per q element, rounded to q's dtype as the reference's product is.
+    A head without values gets exactly zero gate gradient."""
+    B = 2 if N == 13 else 1
+    qkv = make_qkv(B, N, H, D, widths, dtype)
+    gate = make_gate(H, D, zero_dims=[(H - 1, 0)])
+    dout = torch.randn(B, N, sum(widths)).to(dtype)
+    with vtp_kernels.use_backend("triton"), poison_outputs():
+        out = vtp_kernels.packed_attention(*split_qkv(qkv, H, D), widths, qk_gate=gate)
+        grad, dgate = torch.autograd.grad(out, (qkv, gate), dout)
+
+    qkv32 = qkv.detach().float().requires_grad_()
+    gate_ref = gate.detach().clone().requires_grad_()
+    want = reference.packed_attention(*split_qkv(qkv32, H, D), widths, qk_gate=gate_ref)
+    want_grad, want_dgate = torch.autograd.grad(want, (qkv32, gate_ref), dout.float())
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and dgate.dtype == gate.dtype and dgate.shape == gate.shape
+    assert_rel(out, want, tol, "out")
+    for name, got, ref in zip("qkv", split_qkv(grad, H, D), split_qkv(want_grad, H, D)):
+        assert_rel(got, ref, tol, f"d{name}")
+    assert_rel(dgate, want_dgate, tol, "dgate")
+    for h in (h for h, w in enumerate(widths) if w == 0):
+        assert torch.count_nonzero(dgate[h]) == 0
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay != "contiguous"])
+def test_gated_every_layout_of_q(layout):
+    """The gate on a q in every layout (the kernels multiply the tile they loaded), and a
+    gate given as [H, D]; q/k 8 wide under values up to 32 wide."""
+    B, H, N, D, widths = 2, 4, 13, 8, (16, 32, 0, 8)
+    q = with_layout(torch.randn(B, H, N, D), layout).requires_grad_()
+    k, v = torch.randn(B, H, N, D, requires_grad=True), torch.randn(B, N, sum(widths), requires_grad=True)
+    gate = (torch.rand(H, D) + 0.5).requires_grad_()
+    dout = torch.randn(B, N, sum(widths))
+    with vtp_kernels.use_backend("triton"), poison_outputs():
+        out = vtp_kernels.packed_attention(q, k, v, widths, qk_gate=gate)
+        grads = torch.autograd.grad(out, (q, k, v, gate), dout)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, gate)]
+    want = reference.packed_attention(*leaves[:3], widths, qk_gate=leaves[3])
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    assert_rel(out, want, TOL[torch.float32], "out")
+    for name, got, ref in zip(("q", "k", "v", "gate"), grads, want_grads):
+        assert_rel(got, ref, TOL[torch.float32], f"d{name}")
+
+
+def test_gate_gradient_alone():
+    """Only the gate trains (q, k, v frozen): the dQ kernel still runs for the gate's
+    gradient, and nothing else is returned."""
+    B, H, N, D, widths = 1, 3, 13, 16, (4, 32, 0)
+    q, k = torch.randn(2, B, H, N, D).unbind(0)
+    v = torch.randn(B, N, sum(widths))
+    gate = make_gate(H, D)
+    dout = torch.randn(B, N, sum(widths))
+    with vtp_kernels.use_backend("triton"):
+        vtp_kernels.packed_attention(q, k, v, widths, scale=0.3, qk_gate=gate).backward(dout)
+    gate_ref = gate.detach().clone().requires_grad_()
+    reference.packed_attention(q, k, v, widths, scale=0.3, qk_gate=gate_ref).backward(dout)
+    assert q.grad is None and k.grad is None and v.grad is None
+    torch.testing.assert_close(gate.grad, gate_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_custom_op_registrations():
+    importlib.import_module("vtp_kernels._packed_attention")
+    B, H, N, D, widths = 1, 2, 13, 8, [3, 0]
+    q, k = torch.randn(2, B, H, N, D, requires_grad=True).unbind(0)
+    v = torch.randn(B, N, 3, requires_grad=True)
+    gate = torch.rand(H, D, requires_grad=True)
+    torch.library.opcheck(torch.ops.vtp.packed_attention_fwd.default, (q, k, v, widths, 0.25, gate))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_gate_raises(backend):
+    B, H, N, D = 1, 2, 5, 8
+    q, v = torch.randn(B, H, N, D), torch.randn(B, N, 6)
+    with vtp_kernels.use_backend(backend):
+        for bad in (torch.ones(H, D + 1), torch.ones(H + 1, 1, D), torch.ones(H * D), [1.0] * D):
+            with pytest.raises(ValueError, match=r"qk_gate: expected a tensor of shape \[2, 8\] or \[2, 1, 8\]"):
+                vtp_kernels.packed_attention(q, q, v, (3, 3), qk_gate=bad)
+        with pytest.raises(ValueError, match="qk_gate: expected a floating-point tensor"):
+            vtp_kernels.packed_attention(q, q, v, (3, 3), qk_gate=torch.ones(H, D, dtype=torch.long))
