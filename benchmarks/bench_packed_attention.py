@@ -13,12 +13,21 @@ Variants, forward and forward+backward (gradient w.r.t. that qkv tensor):
     dense      F.scaled_dot_product_attention on the unpruned shape (all heads at
                width 64, qkv [B, N, 3*H*D]): what the unpruned model pays
 
+With ``--qk-widths`` the run adds pruned query/key widths (``attn_qk``, issue 17): q and k
+Dqk wide under the same pruned values (up to 64 wide), with the variants triton, reference
+(q/k padded with zero columns to the value width, then SDPA), sdpa_unequal (SDPA on the
+unequal widths as they are: whichever kernel torch picks), and triton_gated /
+reference_gated (the attn_qk gate inside the kernel, against ``q * gate`` before SDPA,
+the gate's gradient included); and it records which SDPA kernels take unequal widths
+(``qk.sdpa_backends``: each forced with ``sdpa_kernel``, runs or the error).
+
 The kernel output and gradient are checked against an fp32 reference before anything is
 timed. Timings are triton.testing.do_bench (L2 flushed between runs); every raw timing is
 kept. Writes a table to stdout and packed_attention_<device>.json / .png into --out.
 
     python benchmarks/bench_packed_attention.py                        # on a GPU
     python benchmarks/bench_packed_attention.py --smoke --out /tmp/pa  # CPU, interpreter
+    python benchmarks/bench_packed_attention.py --qk-widths 16 32 48   # also Dqk != V widths
 """
 from __future__ import annotations
 
@@ -53,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the 'compiled' variant (default: inductor; aot_eager with --smoke)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the width pattern and the inputs")
+    p.add_argument("--qk-widths", type=int, nargs="*", default=[],
+                   help="also time q/k pruned to each of these widths (Dqk) under the pruned values (--smoke: "
+                        "scaled from head dim 64 to 16)")
     common.add_output_flags(p, smoke_help="CPU check of the script itself: tiny shapes (B=1, N=13, D=16), fp32, few "
                                           "iterations, Triton under TRITON_INTERPRET=1, wall-clock timing; its "
                                           "numbers are not kernel speeds")
@@ -62,6 +74,10 @@ def parse_args(argv=None):
         args.warmup, args.rep = min(args.warmup, 1), min(args.rep, 3)
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
+    if any(w < 0 or w > 64 for w in args.qk_widths):
+        p.error(f"--qk-widths: expected widths in [0, 64] (of DeiT's head dim 64), got {args.qk_widths}")
+    if args.smoke:
+        args.qk_widths = sorted({w * args.head_dim // 64 for w in args.qk_widths})
     return args
 
 
@@ -178,6 +194,7 @@ def main(argv=None) -> Dict[str, object]:
         models[name], model_results = run_model(torch, F, args, name, device, dtype, timer, generator)
         results += model_results
 
+    qk = run_qk_widths(torch, F, args, device, dtype, timer, generator) if args.qk_widths else None
     record = {
         **common.record_head("packed_attention", __file__, argv, smoke=args.smoke,
                              device=common.device_name(torch, device), packages=("python", "torch", "triton", "cuda")),
@@ -191,6 +208,7 @@ def main(argv=None) -> Dict[str, object]:
         "correctness": {name: {"rel_err": m["max_rel_err"], "bound": m["bound"]} for name, m in models.items()},
         "results": results,
         "medians_ms": {f"{r['model']}/{r['mode']}/{r['variant']}": r["median_ms"] for r in results},
+        **({"qk": qk} if qk is not None else {}),
     }
 
     print(f"packed_attention  B={args.batch} N={args.tokens} D={args.head_dim} {args.dtype}  on {record['device']}"
@@ -207,6 +225,8 @@ def main(argv=None) -> Dict[str, object]:
         print(f"{r['model']:<8}{r['mode']:<9}{r['variant']:<11}{r['median_ms']:>11.4f}"
               f"{ref / r['median_ms']:>13.2f}x{dense / r['median_ms']:>9.2f}x")
 
+    if qk is not None:
+        print_qk(qk)
     stem = common.output_stem(args.out, "packed_attention", args.smoke, record["device"])
     common.save_record(record, stem, None if args.no_plot else plot)
     return record
@@ -225,6 +245,124 @@ def plot(record: Dict[str, object], path: str) -> None:
     fig.suptitle(f"packed_attention B={c['batch']} N={c['tokens']} D={c['head_dim']} prune={c['prune']} "
                  f"{c['dtype']} on {record['device']}" + common.smoke_suffix(record["smoke"]), fontsize=9)
     common.save_figure(fig, path)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Pruned query/key widths (attn_qk): Dqk != value widths
+# ---------------------------------------------------------------------------------------
+QK_VARIANTS = ("triton", "reference", "sdpa_unequal", "triton_gated", "reference_gated")
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def sdpa_backends_for_unequal_widths(torch, F, device, dtype, dqk: int, dv: int) -> Dict[str, str]:
+    """Each SDPA kernel forced in turn on q/k ``dqk`` wide and v ``dv`` wide: "runs", or
+    the first line of its error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 2, 16, dqk, device=device, dtype=dtype)
+    v = torch.randn(2, 2, 16, dv, device=device, dtype=dtype)
+    verdicts = {}
+    for name in SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)), torch.no_grad():
+                F.scaled_dot_product_attention(q, q, v)
+            verdicts[name] = "runs"
+        except RuntimeError as e:
+            verdicts[name] = str(e).strip().splitlines()[0]
+    return verdicts
+
+
+def qk_variants(torch, F, heads: int, dqk: int, widths: Tuple[int, ...], head_dim: int, gate):
+    """Every QK_VARIANTS entry as a function of qkv ``[B, N, 2*H*Dqk + sum(widths)]``; the
+    scale stays the unpruned model's (head_dim ** -0.5), as pruning leaves it."""
+    from vtp_kernels import reference
+    from vtp_kernels._packed_attention import packed_attention_triton
+
+    scale = head_dim ** -0.5
+    cols_cache = {}
+
+    def sdpa_unequal(qkv):
+        q, k, v = split_qkv(qkv, heads, dqk)
+        B, N, _ = v.shape
+        width = max(widths)
+        if "cols" not in cols_cache:
+            cols_cache["cols"] = reference.padded_value_columns(widths, width, v.device)
+        cols = cols_cache["cols"]
+        v = v.new_zeros(B, N, heads * width).index_copy(-1, cols, v).view(B, N, heads, width).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, heads * width)
+        return torch.gather(out, -1, cols.expand(B, N, len(cols)))
+
+    return {
+        "triton": lambda qkv: packed_attention_triton(*split_qkv(qkv, heads, dqk), widths, scale),
+        "reference": lambda qkv: reference.packed_attention(*split_qkv(qkv, heads, dqk), widths, scale),
+        "sdpa_unequal": sdpa_unequal,
+        "triton_gated": lambda qkv: packed_attention_triton(*split_qkv(qkv, heads, dqk), widths, scale, gate),
+        "reference_gated": lambda qkv: reference.packed_attention(*split_qkv(qkv, heads, dqk), widths, scale,
+                                                                  qk_gate=gate),
+    }
+
+
+def run_qk_widths(torch, F, args, device, dtype, timer, generator) -> Dict[str, object]:
+    """For each model and each Dqk in --qk-widths: the kernel against the reference (fp32,
+    gradients of qkv and of the gate included), then every variant timed, forward and
+    forward + backward. Value widths are the same pruned pattern as the main run's."""
+    bound = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
+    D, B, N = args.head_dim, args.batch, args.tokens
+    record = {"qk_widths": list(args.qk_widths), "bound": bound, "cases": {}, "results": [],
+              "sdpa_backends": {f"dqk{w}_dv{D}": sdpa_backends_for_unequal_widths(torch, F, device, dtype, w, D)
+                                for w in args.qk_widths if w != D}}
+    for name in args.models:
+        heads = MODELS[name]
+        widths_all = pruned_widths(torch, heads, D, args.prune, args.dropped_heads, args.round_to, generator)
+        widths = tuple(w for w in widths_all if w > 0)
+        H, v_total = len(widths), sum(widths)
+        for dqk in args.qk_widths:
+            key = f"{name}/dqk{dqk}"
+            qkv = torch.randn(B, N, 2 * H * dqk + v_total, device=device).to(dtype).requires_grad_()
+            gate = (torch.rand(H, 1, dqk, device=device) + 0.5).requires_grad_()
+            dout = torch.randn(B, N, v_total, device=device).to(dtype)
+            variants = qk_variants(torch, F, H, dqk, widths, D, gate)
+            checks = {}
+            for kernel, ref in (("triton", "reference"), ("triton_gated", "reference_gated")):
+                qkv32 = qkv.detach().float().requires_grad_()
+                want = variants[ref](qkv32)
+                want_grads = torch.autograd.grad(want, [qkv32] + ([gate] if "gated" in kernel else []), dout.float())
+                got = variants[kernel](qkv)
+                got_grads = torch.autograd.grad(got, [qkv] + ([gate] if "gated" in kernel else []), dout)
+                checks[f"{kernel}/out"] = rel_err(got, want)
+                for label, g, w in zip(("dqkv", "dgate"), got_grads, want_grads):
+                    checks[f"{kernel}/{label}"] = rel_err(g, w)
+            common.require_within(checks, bound, f"{key}: triton packed_attention", "error norm / reference norm")
+            for mode in ("fwd", "fwd+bwd"):
+                for variant, fn in variants.items():
+                    inputs = [qkv, gate] if "gated" in variant else [qkv]
+                    if mode == "fwd":
+                        def step(fn=fn):
+                            with torch.no_grad():
+                                fn(qkv)
+                    else:
+                        def step(fn=fn, inputs=inputs):
+                            torch.autograd.grad(fn(qkv), inputs, dout)
+                    step()
+                    raw = timer(step, args.warmup, args.rep)
+                    record["results"].append({"model": name, "dqk": dqk, "variant": variant, "mode": mode,
+                                              "median_ms": statistics.median(raw), "raw_ms": raw})
+            record["cases"][key] = {"heads": heads, "kept_heads": H, "dqk": dqk, "v_widths": widths_all,
+                                    "rel_err": checks}
+    record["medians_ms"] = {f"{r['model']}/dqk{r['dqk']}/{r['mode']}/{r['variant']}": r["median_ms"]
+                            for r in record["results"]}
+    return record
+
+
+def print_qk(qk: Dict[str, object]) -> None:
+    for case, verdicts in qk["sdpa_backends"].items():
+        print(f"  SDPA on {case}: " + "; ".join(f"{b} {v}" for b, v in verdicts.items()))
+    print(f"{'model/Dqk':<16}{'mode':<9}" + "".join(f"{v:>16}" for v in QK_VARIANTS) + "   (median ms)")
+    for key in qk["cases"]:
+        for mode in ("fwd", "fwd+bwd"):
+            print(f"{key:<16}{mode:<9}" + "".join(f"{qk['medians_ms'][f'{key}/{mode}/{v}']:>16.4f}"
+                                                  for v in QK_VARIANTS))
 
 
 if __name__ == "__main__":

@@ -241,7 +241,9 @@ def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, v_widths, scale, qk_gate = inputs
+    # A gate of None is not among ``inputs`` (custom ops drop defaulted arguments).
+    q, k, v, v_widths, scale, *gate = inputs
+    qk_gate = gate[0] if gate else None
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, qk_gate)
     ctx.v_widths, ctx.scale = v_widths, scale
@@ -251,12 +253,12 @@ def _setup_context(ctx, inputs, output):
 def _backward_rule(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, qk_gate = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    need_gate = ctx.needs_input_grad[5]
+    need_gate = qk_gate is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dgate = packed_attention_bwd_op(
         grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v,
         qk_gate if need_gate else None)
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None,
-            dgate.to(qk_gate.dtype) if need_gate else None)
+    grads = (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
+    return grads + ((dgate.to(qk_gate.dtype) if need_gate else None,) if len(ctx.needs_input_grad) > 5 else ())
 
 
 packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)

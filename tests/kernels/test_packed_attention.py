@@ -243,7 +243,7 @@ def test_benchmark_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_packed_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--models", "deit_s", "--out", str(tmp_path)])
+    bench.main(["--smoke", "--models", "deit_s", "--qk-widths", "32", "--out", str(tmp_path)])
 
     record = json.loads((tmp_path / "packed_attention_smoke.json").read_text())
     assert (tmp_path / "packed_attention_smoke.png").stat().st_size > 0
@@ -255,6 +255,13 @@ def test_benchmark_smoke(tmp_path):
     keys = {f"deit_s/{m}/{v}" for m in ("fwd", "fwd+bwd") for v in ("triton", "reference", "compiled", "dense")}
     assert set(record["medians_ms"]) == keys
     assert all(len(r["raw_ms"]) == record["config"]["rep"] and r["median_ms"] > 0 for r in record["results"])
+    # --qk-widths 32 of 64 is Dqk 8 at --smoke's head dim 16: checked, timed, SDPA kernels probed
+    qk = record["qk"]
+    assert qk["qk_widths"] == [8] and set(qk["cases"]) == {"deit_s/dqk8"}
+    assert all(err <= qk["bound"] for err in qk["cases"]["deit_s/dqk8"]["rel_err"].values())
+    assert {"triton_gated/dgate", "triton/dqkv"} <= set(qk["cases"]["deit_s/dqk8"]["rel_err"])
+    assert set(qk["medians_ms"]) == {f"deit_s/dqk8/{m}/{v}" for m in ("fwd", "fwd+bwd") for v in bench.QK_VARIANTS}
+    assert qk["sdpa_backends"]["dqk8_dv16"]["MATH"] == "runs"
 
 
 # (D, v_head_width, v_widths): V padded to the q/k width (the default), V padded wider than
