@@ -76,8 +76,9 @@ def _aligned(value, ALIGN: tl.constexpr):
 @triton.jit
 def _gate_row(Gate, h, offs_d, d_ok, HEAD_DIM: tl.constexpr):
     """Head h's query/key gate, fp32 [BLOCK_D] (``Gate`` is [H, HEAD_DIM], contiguous).
-    A q tile is multiplied by it in fp32 and rounded back to q's dtype, as ``q * gate``
-    in q's dtype rounds it; the scores then come out of the one dot as before."""
+    A q tile is multiplied by it in fp32 and rounded back to q's dtype once, as the
+    reference's ``(q * gate).to(q.dtype)`` rounds it; the scores then come out of the one
+    dot as before."""
     return tl.load(Gate + h * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)
 
 

@@ -89,7 +89,7 @@ def packed_attention(
     to ``Dqk ** -0.5``; callers pass the model's own, which pruning does not change.
     ``attn_bias`` is added to the scores (``[..., H, N, N]`` or broadcastable to it, as
     ``scaled_dot_product_attention`` takes). ``qk_gate`` (``[H, Dqk]`` or ``[H, 1, Dqk]``)
-    scales dim d of head h's scores, s = scale · Σ_d a_d q_d k_d: here ``q * gate`` (in
+    scales dim d of head h's scores, s = scale · Σ_d a_d q_d k_d: here ``q * gate`` (rounded to
     q's dtype); the Triton kernel applies it to the q tile inside.
 
     Computed by one ``scaled_dot_product_attention`` call at one width W for q, k and v,
@@ -113,7 +113,7 @@ def packed_attention(
     total = sum(widths)
     scale = default_scale(D) if scale is None else scale
     if gate is not None:
-        q = q * gate.to(q.dtype).unsqueeze(1)
+        q = (q * gate.unsqueeze(1)).to(q.dtype)  # an fp32 gate on bf16 q: one rounding, as in the kernel
     if total == 0:
         return v[..., :0].clone()  # empty, but in the graph as the kernel's output is
     if v_padded:

@@ -203,21 +203,26 @@ def test_only_dq_requested():
     torch.testing.assert_close(q.grad, q_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_fullgraph():
-    B, H, N, D, widths = 1, 3, 13, 32, (5, 0, 32)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_torch_compile_fullgraph(gated):
+    B, H, N, D, widths = 1, 3, 13, 32, (5, 0, 48)
     qkv = make_qkv(B, N, H, D, widths, torch.float32)
+    gate = make_gate(H, D) if gated else None
 
-    def f(qkv):
-        return vtp_kernels.packed_attention(*split_qkv(qkv, H, D), widths).sin()
+    def f(qkv, gate):
+        return vtp_kernels.packed_attention(*split_qkv(qkv, H, D), widths, qk_gate=gate).sin()
 
     with vtp_kernels.use_backend("triton"):
-        out = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv)
-    (grad,) = torch.autograd.grad(out.sum(), qkv)
-    qkv_ref = qkv.detach().clone().requires_grad_()
-    want = reference.packed_attention(*split_qkv(qkv_ref, H, D), widths).sin()
-    (want_grad,) = torch.autograd.grad(want.sum(), qkv_ref)
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv, gate)
+    leaves = [qkv] + ([gate] if gated else [])
+    grads = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    want = reference.packed_attention(*split_qkv(ref_leaves[0], H, D), widths,
+                                      qk_gate=ref_leaves[1] if gated else None).sin()
+    want_grads = torch.autograd.grad(want.sum(), ref_leaves)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_custom_op_registrations():
