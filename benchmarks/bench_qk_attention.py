@@ -202,7 +202,8 @@ def run_sdpa(torch, F, args) -> Dict[str, object]:
         results += [{"dqk": dqk, "dv": dv, "mode": key.split("/")[0], "variant": key.split("/")[1],
                      "median_ms": statistics.median(times), "raw_ms": times} for key, times in raw.items()]
         print(f"  Dqk {dqk:>3} Dv {dv:>3}  flash {'runs' if verdict['flash_runs'] else 'refuses'}; "
-              + "  ".join(f"{m}: as_is {case['modes'][m]['as_is']['p50']:.2f} ms, pad {case['modes'][m]['pad']['p50']:.2f} ms"
+              + "  ".join(f"{m}: as_is {case['modes'][m]['as_is']['p50']:.2f} ms, "
+                          f"pad {case['modes'][m]['pad']['p50']:.2f} ms"
                           f" (as_is/pad {case['modes'][m]['as_is_over_pad']['paired_median']:.2f}x)"
                           for m in ("fwd", "fwd+bwd")))
     return {"cases": cases, "results": results}
@@ -263,7 +264,8 @@ def run_gate_cost(torch, F, args) -> Dict[str, object]:
     print(f"  plain {timings['plain']['p50']:.2f} ms, gated {timings['gated']['p50']:.2f} ms "
           f"(paired gated/plain {end_to_end['paired_median']:.3f}, p10-p90 {end_to_end['paired_p10']:.3f}-"
           f"{end_to_end['paired_p90']:.3f}); the multiply alone {timings['gate_only']['p50']:.3f} ms = "
-          f"{100 * share:.2f} % of the plain step (p10/p90 bounds {100 * share_range[0]:.2f}-{100 * share_range[1]:.2f} %);"
+          f"{100 * share:.2f} % of the plain step "
+          f"(p10/p90 bounds {100 * share_range[0]:.2f}-{100 * share_range[1]:.2f} %);"
           f" threshold {100 * GATE_THRESHOLD:.0f} %: {verdict}")
     return {"gate_shape": [args.heads, 1, args.head_dim], "max_abs_diff_at_gate_1_float64": err,
             "timings": timings, "gated_over_plain": end_to_end,

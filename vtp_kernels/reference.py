@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_qk_gate", "check_value_layout", "default_scale", "gated_linear", "layer_norm_gather", "packed_attention",
+__all__ = ["check_qk_gate", "check_value_layout", "default_scale", "gated_linear", "layer_norm_gather",
+           "packed_attention",
            "padded_value_columns"]
 
 
@@ -155,7 +156,8 @@ def check_qk_gate(q: torch.Tensor, qk_gate: Optional[torch.Tensor]) -> Optional[
     H, D = q.shape[1], q.shape[-1]
     if not isinstance(qk_gate, torch.Tensor) or tuple(qk_gate.shape) not in ((H, D), (H, 1, D)):
         got = list(qk_gate.shape) if isinstance(qk_gate, torch.Tensor) else type(qk_gate).__name__
-        raise ValueError(f"qk_gate: expected a tensor of shape [{H}, {D}] or [{H}, 1, {D}] (heads, q/k dims), got {got}")
+        raise ValueError(f"qk_gate: expected a tensor of shape [{H}, {D}] or [{H}, 1, {D}] (heads, q/k dims), "
+                         f"got {got}")
     if not qk_gate.is_floating_point() or qk_gate.device != q.device:
         raise ValueError(f"qk_gate: expected a floating-point tensor on {q.device}, "
                          f"got {qk_gate.dtype} on {qk_gate.device}")

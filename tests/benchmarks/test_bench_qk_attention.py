@@ -24,7 +24,8 @@ def test_smoke_records(tmp_path):
         for field in ("device", "versions", "command", "config", "load_average_before", "results"):
             assert field in record, field
         assert record["smoke"] and record["config"]["threads"] == 1
-        assert all(len(r["raw_ms"]) == record["config"]["rep" if record is sdpa else "gate_rep"] for r in record["results"])
+        reps = record["config"]["rep" if record is sdpa else "gate_rep"]
+        assert all(len(r["raw_ms"]) == reps for r in record["results"])
     # --smoke scales DeiT-S's (Dqk, Dv) cases from head dim 64 to 16
     assert [(c["dqk"], c["dv"]) for c in sdpa["cases"]] == bench.sdpa_cases(16)
     for case in sdpa["cases"]:
