@@ -283,14 +283,14 @@ def attn_bwd_dq(
     H, N, n_kept, v_total, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per query block: dQ = dS K · scale, over all key blocks (v_total: the
     shared launch arguments; dQ never needs it).
 
-    GATED: the scores were made of G = Q · a (a the head's gate), so dQ = dG · a, and this
-    block's share of the gate's gradient, sum over its rows of Q ⊙ dG, goes to its own
-    row of DGate ([B · kept heads, dgate_rows >= query blocks, HEAD_DIM], fp32, zeroed),
+    GATED: the scores were made of G = Q · a (a the head's gate), so dQ = dG · a; with
+    GATE_GRAD this block's share of the gate's gradient, sum over its rows of Q ⊙ dG, goes
+    to its own row of DGate ([B · kept heads, dgate_rows >= query blocks, HEAD_DIM], fp32, zeroed),
     which the host sums: one writer per element, no atomics."""
     stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
     stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
@@ -339,9 +339,9 @@ def attn_bwd_dq(
 
     dq = dq * sm_scale
     if GATED:
-        # Rows >= N loaded q = 0: they add nothing to the gate's gradient.
-        tl.store(DGate + (pid_bh.to(tl.int64) * dgate_rows + pid_m) * HEAD_DIM + offs_d,
-                 tl.sum(q_in.to(tl.float32) * dq, 0), mask=d_ok)
+        if GATE_GRAD:   # rows >= N loaded q = 0: they add nothing to the gate's gradient
+            tl.store(DGate + (pid_bh.to(tl.int64) * dgate_rows + pid_m) * HEAD_DIM + offs_d,
+                     tl.sum(q_in.to(tl.float32) * dq, 0), mask=d_ok)
         dq = dq * gate[None, :]
     tl.store(DQ + ((b * H + h) * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -147,17 +147,19 @@ def _forward(q, k, v, widths: Tuple[int, ...], scale: float,
 
 
 def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float, need_dq: bool, need_dkv: bool,
-              gate: Optional[torch.Tensor] = None,
+              gate: Optional[torch.Tensor] = None, need_dgate: bool = False,
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dgate); with a ``gate``, dgate is fp32 [H, D] and dq is computed (the
-    gate's gradient comes out of the dQ kernel), else dgate is empty."""
+    """(dq, dk, dv, dgate); ``gate`` is the forward's (the scores were made of q times it),
+    whether or not it trains. With ``need_dgate`` dgate is fp32 [H, D] and dq is computed
+    (the gate's gradient comes out of the dQ kernel), else dgate is empty."""
     B, H, N, D = q.shape
     v_total = sum(widths)
     table, _ = _head_table(widths, q.device)
     n_kept = table.shape[0]
     dropped = [h for h, w in enumerate(widths) if w == 0]
     gated = gate is not None
-    need_dq = need_dq or gated
+    need_dgate = need_dgate and gated
+    need_dq = need_dq or need_dgate
 
     def nothing() -> torch.Tensor:  # a fresh one each time: custom op outputs may not alias
         return q.new_empty(0)
@@ -171,7 +173,7 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float, need
     dq = head_grad() if need_dq else nothing()
     dk = head_grad() if need_dkv else nothing()
     dv = new_empty((B, N, v_total), device=v.device, dtype=v.dtype) if need_dkv else nothing()
-    dgate = q.new_zeros(H, D, dtype=torch.float32) if gated else nothing()
+    dgate = q.new_zeros(H, D, dtype=torch.float32) if need_dgate else nothing()
     if n_kept == 0 or B == 0 or N == 0 or not (need_dq or need_dkv):
         return dq, dk, dv, dgate
 
@@ -180,8 +182,8 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float, need
     delta = new_empty(lse.shape, device=lse.device, dtype=lse.dtype)
     # One row of gate-gradient partials per query block of the config with the smallest
     # blocks; a config with larger ones leaves its extra rows at zero.
-    dgate_rows = triton.cdiv(N, min(c.kwargs["BLOCK_M"] for c in attn_bwd_dq.configs)) if gated else 0
-    partials = q.new_zeros(B, n_kept, dgate_rows, D, dtype=torch.float32) if gated else None
+    dgate_rows = triton.cdiv(N, min(c.kwargs["BLOCK_M"] for c in attn_bwd_dq.configs)) if need_dgate else 0
+    partials = q.new_zeros(B, n_kept, dgate_rows, D, dtype=torch.float32) if need_dgate else None
     with on_device(q):
         attn_bwd_delta[(triton.cdiv(N, DELTA_BLOCK_M), B * n_kept)](
             out, do, delta, table, *strides[-3:], H, N, n_kept, v_total,
@@ -194,8 +196,8 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float, need
         if need_dq:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
             attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, gate, partials, dgate_rows, *strides,
-                              H, N, n_kept, v_total, scale, **meta)
-    if gated:   # heads without values keep a zero gradient: nothing they score reaches the output
+                              H, N, n_kept, v_total, scale, GATE_GRAD=need_dgate, **meta)
+    if need_dgate:   # heads without values keep a zero gradient: nothing they score reaches the output
         dgate.index_copy_(0, table[:, 0].long(), partials.sum((0, 2)))
     return dq, dk, dv, dgate
 
@@ -224,16 +226,17 @@ def packed_attention_fwd_fake(q, k, v, v_widths, scale, qk_gate=None):
 def packed_attention_bwd_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, v_widths: List[int], scale: float,
-    need_dq: bool, need_dkv: bool, qk_gate: Optional[torch.Tensor] = None,
+    need_dq: bool, need_dkv: bool, qk_gate: Optional[torch.Tensor] = None, need_dgate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dgate); a gradient not asked for comes back as an empty tensor. With a
-    gate, dq is always computed and dgate is fp32 [H, D]."""
-    return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv, qk_gate)
+    """(dq, dk, dv, dgate); a gradient not asked for comes back as an empty tensor. ``qk_gate``
+    is the forward's; with ``need_dgate`` dq is always computed and dgate is fp32 [H, D]."""
+    return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv, qk_gate, need_dgate)
 
 
 @packed_attention_bwd_op.register_fake
-def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv, qk_gate=None):
-    gated = qk_gate is not None
+def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv, qk_gate=None,
+                              need_dgate=False):
+    gated = qk_gate is not None and need_dgate
     return (q.new_empty(q.shape) if need_dq or gated else q.new_empty(0),
             k.new_empty(k.shape) if need_dkv else q.new_empty(0),
             v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0),
@@ -255,8 +258,7 @@ def _backward_rule(ctx, grad_out, _grad_lse):
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     need_gate = qk_gate is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dgate = packed_attention_bwd_op(
-        grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v,
-        qk_gate if need_gate else None)
+        grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v, qk_gate, need_gate)
     grads = (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
     return grads + ((dgate.to(qk_gate.dtype) if need_gate else None,) if len(ctx.needs_input_grad) > 5 else ())
 

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["check_qk_gate", "check_value_layout", "default_scale", "gated_linear", "layer_norm_gather",
-           "packed_attention",
-           "padded_value_columns"]
+           "packed_attention", "padded_value_columns"]
 
 
 def gated_linear(
@@ -100,8 +99,8 @@ def packed_attention(
     columns that are never gathered. One width because the fused SDPA kernels need it
     (flash, on CPU and CUDA; on the CPU flash refuses unequal widths, "Flash attention
     requires q,k,v to have the same last dimension", and the math path runs). Measured on
-    a 2-core CPU, DeiT-S attention at batch 8: 16 ms fused against 72-78 ms on the math path
-    (2 threads); and benchmarks/results/qk_sdpa_cpu.json (1 thread, interleaved medians):
+    a 2-core CPU, DeiT-S attention at batch 8: 16 ms fused against 72-78 ms on the math
+    path; and benchmarks/results/qk_sdpa_cpu.json (1 thread, interleaved medians):
     q/k 16, 32 or 48 wide under 64-wide values, or values 16-48 wide under 64-wide q/k,
     the padded forward is 1.4-1.7x faster than the math path on the unequal widths; forward
     and backward 0.95-1.19x, the one case below 1 (q/k 16 wide) within the run's spread.

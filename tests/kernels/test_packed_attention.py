@@ -493,6 +493,22 @@ def test_gate_gradient_alone():
     torch.testing.assert_close(gate.grad, gate_ref.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_frozen_gate_still_gates_the_gradients():
+    """A gate that does not train (pruning a frozen gated model, or a gate at a fixed value)
+    still made the scores: dq and dk go through it, and nothing is computed for it."""
+    B, H, N, D, widths = 2, 3, 13, 16, (4, 32, 0)
+    leaves = [torch.randn(B, H, N, D, requires_grad=True), torch.randn(B, H, N, D, requires_grad=True),
+              torch.randn(B, N, sum(widths), requires_grad=True)]
+    gate = torch.rand(H, 1, D) + 0.5
+    dout = torch.randn(B, N, sum(widths))
+    with vtp_kernels.use_backend("triton"), poison_outputs():
+        grads = torch.autograd.grad(vtp_kernels.packed_attention(*leaves, widths, qk_gate=gate), leaves, dout)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(reference.packed_attention(*ref_leaves, widths, qk_gate=gate), ref_leaves, dout)
+    for name, got, ref in zip("qkv", grads, want):
+        assert_rel(got, ref, TOL[torch.float32], f"d{name}")
+
+
 def test_gated_custom_op_registrations():
     importlib.import_module("vtp_kernels._packed_attention")
     B, H, N, D, widths = 1, 2, 13, 8, [3, 0]
