@@ -50,17 +50,22 @@ def layer_norm_gather(
 
 def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
-    attn_bias: Optional[torch.Tensor] = None, v_padded: bool = False,
+    attn_bias: Optional[torch.Tensor] = None, v_padded: bool = False, v_head_width: Optional[int] = None,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention over heads with per-head value widths; V packed, or padded to the head
-    width (``v_padded``); the output packed. See the reference.
+    """Attention over heads with per-head value widths; q, k ``[B, H, N, Dqk]``; V packed,
+    or padded to ``v_head_width`` columns per head (``v_padded``; default Dqk); the output
+    packed. A value width may exceed Dqk. ``qk_gate`` ``[H, Dqk]`` (or ``[H, 1, Dqk]``)
+    scales each query/key dim's share of the scores; the kernel applies it to its q tiles.
+    See the reference.
 
     The Triton kernel takes no additive bias: attention with a position bias or a mask
     (``attn_bias``) always runs the reference. It reads packed V: a padded one is gathered
     to packed first."""
     if attn_bias is None and use_triton("packed_attention", q):
         if v_padded:
-            widths = reference.check_value_layout(q, v, v_widths, v_padded=True)
-            v = v.index_select(-1, reference.padded_value_columns(tuple(widths), q.shape[-1], v.device))
-        return packed_attention_triton(q, k, v, v_widths, scale)
-    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded)
+            widths = reference.check_value_layout(q, v, v_widths, True, v_head_width)
+            vw = q.shape[-1] if v_head_width is None else int(v_head_width)
+            v = v.index_select(-1, reference.padded_value_columns(tuple(widths), vw, v.device))
+        return packed_attention_triton(q, k, v, v_widths, scale, qk_gate)
+    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded, v_head_width, qk_gate)

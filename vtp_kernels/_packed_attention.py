@@ -8,6 +8,16 @@ projection reads the head outputs packed the same way::
     v    : [B, N, sum(v_widths)]  head h at columns [off_h, off_h + v_widths[h])
     out  : [B, N, sum(v_widths)]  same packing; out_h = softmax(q_h k_hᵀ · scale) v_h
 
+D is the query/key width, which pruning the ``attn_qk`` gate shrinks on its own: a value
+width may be larger than D (``BLOCK_D`` and ``BLOCK_V`` are separate tile widths), and D
+may be 0 (all scores 0). An optional ``qk_gate`` [H, D] multiplies each q tile as it is
+loaded (s = scale · Σ_d a_d q_d k_d) instead of a separate ``q * gate`` pass over q and
+its gradient: benchmarks/results/qk_gate_cost_cpu.json measured that pass at 5 % of a
+DeiT-S attention step on the CPU, above the 3 % that issue 17 set for building this.
+The dK/dV kernel multiplies its q tiles the same way; the dQ kernel computes dG (the
+gradient of q · a), returns dQ = dG · a and writes each query block's Σ_rows q ⊙ dG to a
+row of its own, which the host sums into the gate's gradient.
+
 The kernels follow Triton's fused-attention tutorial (FlashAttention-2):
 
     forward   one program per (batch·kept head, query block): online softmax over key
@@ -52,314 +62,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 from . import reference
-from ._utils import autotune_configs, dot_precision, largest_pow2_dividing, new_empty, on_device
+from ._attention_kernels import DELTA_BLOCK_M, attn_bwd_delta, attn_bwd_dkdv, attn_bwd_dq, attn_fwd
+from ._utils import dot_precision, largest_pow2_dividing, new_empty, on_device
 
 __all__ = ["packed_attention_triton"]
-
-# Scores are kept in base 2 (s · scale · log2 e) so the kernels can use exp2/log2; the
-# stored log-sum-exp is in base 2 as well.
-LOG2E = tl.constexpr(1.4426950408889634)
-
-
-# ---------------------------------------------------------------------------------------
-# Launch configurations
-# ---------------------------------------------------------------------------------------
-# On a GPU a short autotune list per kernel, keyed on the sequence length, head dim and
-# value tile width (the autotuner adds dtypes to the key itself). The interpreter cannot
-# autotune several configs and costs ~3-4 ms per program instance and loop step, so it
-# gets one config with large blocks (128: N = 197 still has a full and a partial block,
-# so both the unmasked and the masked paths run in the tests). In the backward, BLOCK_N
-# is the key block a dK/dV program owns and BLOCK_M the query block it loops over; the
-# other way round for dQ.
-
-def _configs(interpreted: Tuple[int, int], cuda: Sequence[Tuple[int, int, int, int]]) -> List[triton.Config]:
-    return autotune_configs(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-         for m, n, warps, stages in cuda],
-        interpreted=triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}),
-    )
-
-
-_FWD_CONFIGS = _configs((128, 128), [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                                     (128, 32, 4, 4), (64, 32, 4, 4)])
-# (32, 128) keys per dK/dV program needs 8 warps: with 4, sm_90 code spills (255 registers).
-_DKDV_CONFIGS = _configs((128, 128), [(32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3),
-                                      (64, 128, 8, 2)])
-_DQ_CONFIGS = _configs((128, 128), [(64, 32, 4, 3), (128, 32, 4, 2), (64, 64, 4, 3),
-                                    (128, 64, 8, 2)])
-_DELTA_BLOCK_M = 128
-_KEY = ["N", "HEAD_DIM", "BLOCK_V"]
-# Triton would specialise every integer argument on being divisible by 16 (or equal to 1),
-# so a pruned model, whose blocks each have their own head count, packed width and qkv row,
-# would compile every kernel once per block. The alignment the kernels need is promised
-# through QK_ALIGN / V_ALIGN instead (``_aligned``), so these are not specialised; the
-# last-dim strides are, since a unit stride is what makes a tile contiguous.
-_NOT_SPECIALISED = ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
-                    "stride_vb", "stride_vn", "H", "N", "n_kept", "v_total"]
-_NOT_SPECIALISED_BWD = _NOT_SPECIALISED + ["stride_dob", "stride_don"]
-
-
-@triton.jit
-def _kept_head(Heads, i, V_ALIGN: tl.constexpr):
-    """Row i of the kept-heads table: (head index, value offset, value width)."""
-    h = tl.load(Heads + 3 * i)
-    v_off = tl.multiple_of(tl.load(Heads + 3 * i + 1), V_ALIGN)
-    width = tl.multiple_of(tl.load(Heads + 3 * i + 2), V_ALIGN)
-    return h, v_off, width
-
-
-@triton.jit
-def _aligned(value, ALIGN: tl.constexpr):
-    """``value`` (a multiple of ALIGN, which the host checked) in a form the compiler knows
-    is one. Triton detects multiples of 16 by itself; this also covers a qkv row of, say,
-    2·H·D + 232 columns, so loads stay 16-byte vectors there too."""
-    return value // ALIGN * ALIGN
-
-
-# ---------------------------------------------------------------------------------------
-# Forward kernel: online softmax over key blocks
-# ---------------------------------------------------------------------------------------
-@triton.jit
-def _attn_fwd_inner(
-    acc, l_i, m_i, q,
-    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vc,
-    offs_d, d_ok, offs_v, v_ok, start, stop, N, qk_scale,
-    BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Online softmax over key blocks [start, stop). Only the last, partial key block
-    (MASK_KEYS) pays for setting the scores of keys >= N to -inf."""
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)           # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale           # [BLOCK_M, BLOCK_N]
-        if MASK_KEYS:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)       # rescales what earlier blocks summed
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vc,
-                    mask=n_ok[:, None] & v_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_V]
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=_NOT_SPECIALISED)
-def _attn_fwd(
-    Q, K, V, Out, Lse, Heads,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vc,
-    H, N, n_kept, v_total, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
-    stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kept).to(tl.int64)        # int64: batch offsets can pass 2**31
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
-    qk_scale = sm_scale * LOG2E
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_V)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM                   # all true (folded away) when D is a power of 2
-    v_ok = offs_v < width                      # this head's own value columns
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)                 # [BLOCK_M, BLOCK_D]
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + v_off * stride_vc
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    # Whole key blocks first, then at most one partial block with the key mask.
-    n_full = (N // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vc,
-        offs_d, d_ok, offs_v, v_ok, 0, n_full, N, qk_scale,
-        BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vc,
-        offs_d, d_ok, offs_v, v_ok, n_full, N, N, qk_scale,
-        BLOCK_N, True, DOT_PRECISION)
-
-    # Rows >= N saw zero queries (finite scores), so nothing here is NaN; they are not stored.
-    # lse is [B, kept heads, N]: row pid_bh.
-    tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
-    out = acc / l_i[:, None]
-    tl.store(Out + b * N * v_total + offs_m[:, None] * v_total + v_off + offs_v[None, :],
-             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
-
-
-# ---------------------------------------------------------------------------------------
-# Backward kernels: delta, dK and dV, dQ
-# ---------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["stride_dob", "stride_don", "H", "N", "n_kept", "v_total"])
-def _attn_bwd_delta(
-    Out, DO, Delta, Heads,
-    stride_dob, stride_don, stride_doc,
-    H, N, n_kept, v_total,
-    V_ALIGN: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta[b, h, n] = sum_j dO[b, n, off_h + j] * O[b, n, off_h + j]: the row term of
-    the softmax gradient, dS = P ⊙ (dP - delta)."""
-    stride_dob, stride_don, v_total = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN), _aligned(v_total, V_ALIGN)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kept).to(tl.int64)
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_v = tl.arange(0, BLOCK_V)
-    m_ok = offs_m < N
-    mask = m_ok[:, None] & (offs_v < width)[None, :]
-    o = tl.load(Out + b * N * v_total + offs_m[:, None] * v_total + v_off + offs_v[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_don + (v_off + offs_v[None, :]) * stride_doc,
-                 mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_ok)
-
-
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
-def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, Heads,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vc,
-    stride_dob, stride_don, stride_doc,
-    H, N, n_kept, v_total, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program per key block: dV = Pᵀ dO and dK = dSᵀ Q · scale, over all query blocks.
-    Works on transposed tiles (keys along rows) so both are plain row-block results."""
-    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
-    stride_vb, stride_vn, v_total = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN), _aligned(v_total, V_ALIGN)
-    stride_dob, stride_don = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kept).to(tl.int64)
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
-    qk_scale = sm_scale * LOG2E
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_V)
-    n_ok = offs_n < N
-    d_ok = offs_d < HEAD_DIM
-    v_ok = offs_v < width
-
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)                 # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vn + (v_off + offs_v[None, :]) * stride_vc,
-                mask=n_ok[:, None] & v_ok[None, :], other=0.0)                 # [BLOCK_N, BLOCK_V]
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + v_off * stride_doc
-    row_base = pid_bh.to(tl.int64) * N          # lse and delta: [B, kept heads, N]
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < N
-        qT = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                     mask=d_ok[:, None] & m_ok[None, :], other=0.0)            # [BLOCK_D, BLOCK_M]
-        # lse = +inf on query rows >= N makes their probabilities exactly 0.
-        lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=float("inf"))
-        pT = tl.math.exp2(tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_v[None, :] * stride_doc,
-                     mask=m_ok[:, None] & v_ok[None, :], other=0.0)            # [BLOCK_M, BLOCK_V]
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)         # [BLOCK_N, BLOCK_M]
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
-
-    dk = dk * sm_scale
-    # dK is [B, H, N, D] contiguous; dV is packed like V, [B, N, v_total] contiguous.
-    tl.store(DK + ((b * H + h) * N + offs_n[:, None]) * HEAD_DIM + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * N * v_total + offs_n[:, None] * v_total + v_off + offs_v[None, :],
-             dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
-
-
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY)
-@triton.jit(do_not_specialize=_NOT_SPECIALISED_BWD)
-def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, Heads,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vc,
-    stride_dob, stride_don, stride_doc,
-    H, N, n_kept, v_total, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
-    QK_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One program per query block: dQ = dS K · scale, over all key blocks (v_total: the
-    shared launch arguments; dQ never needs it)."""
-    stride_qb, stride_qh, stride_qn = _aligned(stride_qb, QK_ALIGN), _aligned(stride_qh, QK_ALIGN), _aligned(stride_qn, QK_ALIGN)
-    stride_kb, stride_kh, stride_kn = _aligned(stride_kb, QK_ALIGN), _aligned(stride_kh, QK_ALIGN), _aligned(stride_kn, QK_ALIGN)
-    stride_vb, stride_vn = _aligned(stride_vb, V_ALIGN), _aligned(stride_vn, V_ALIGN)
-    stride_dob, stride_don = _aligned(stride_dob, V_ALIGN), _aligned(stride_don, V_ALIGN)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kept).to(tl.int64)
-    h, v_off, width = _kept_head(Heads, pid_bh % n_kept, V_ALIGN)
-    qk_scale = sm_scale * LOG2E
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_V)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
-    v_ok = offs_v < width
-    row_base = pid_bh.to(tl.int64) * N          # lse and delta: [B, kept heads, N]
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)                 # [BLOCK_M, BLOCK_D]
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_don + (v_off + offs_v[None, :]) * stride_doc,
-                 mask=m_ok[:, None] & v_ok[None, :], other=0.0)                # [BLOCK_M, BLOCK_V]
-    lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + v_off * stride_vc
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)            # [BLOCK_D, BLOCK_N]
-        vT = tl.load(v_base + offs_n[None, :] * stride_vn + offs_v[:, None] * stride_vc,
-                     mask=v_ok[:, None] & n_ok[None, :], other=0.0)            # [BLOCK_V, BLOCK_N]
-        p = tl.math.exp2(tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
-        p = tl.where(n_ok[None, :], p, 0.0)     # keys >= N are not part of the softmax
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)                    # [BLOCK_M, BLOCK_N]
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
-
-    dq = dq * sm_scale
-    tl.store(DQ + ((b * H + h) * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
 
 # ---------------------------------------------------------------------------------------
 # Launchers: the kept-heads table, the alignments, the launches
@@ -418,7 +126,10 @@ def _launch_args(q, k, v, do, widths: Tuple[int, ...]) -> Tuple[List[int], dict]
     return strides, meta
 
 
-def _forward(q, k, v, widths: Tuple[int, ...], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, widths: Tuple[int, ...], scale: float,
+             gate: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out and the row log-sum-exp; ``gate`` ([H, D] contiguous) scales q's columns
+    per head inside the kernel, or None."""
     B, H, N, D = q.shape
     v_total = sum(widths)
     table, _ = _head_table(widths, q.device)
@@ -430,17 +141,25 @@ def _forward(q, k, v, widths: Tuple[int, ...], scale: float) -> Tuple[torch.Tens
     strides, meta = _launch_args(q, k, v, None, widths)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
     with on_device(q):
-        _attn_fwd[grid](q, k, v, out, lse, table, *strides, H, N, n_kept, v_total, scale, **meta)
+        attn_fwd[grid](q, k, v, out, lse, table, gate, *strides, H, N, n_kept, v_total, scale,
+                       GATED=gate is not None, **meta)
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
-              need_dq: bool, need_dkv: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float, need_dq: bool, need_dkv: bool,
+              gate: Optional[torch.Tensor] = None, need_dgate: bool = False,
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dgate); ``gate`` is the forward's (the scores were made of q times it),
+    whether or not it trains. With ``need_dgate`` dgate is fp32 [H, D] and dq is computed
+    (the gate's gradient comes out of the dQ kernel), else dgate is empty."""
     B, H, N, D = q.shape
     v_total = sum(widths)
     table, _ = _head_table(widths, q.device)
     n_kept = table.shape[0]
     dropped = [h for h, w in enumerate(widths) if w == 0]
+    gated = gate is not None
+    need_dgate = need_dgate and gated
+    need_dq = need_dq or need_dgate
 
     def nothing() -> torch.Tensor:  # a fresh one each time: custom op outputs may not alias
         return q.new_empty(0)
@@ -454,25 +173,33 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
     dq = head_grad() if need_dq else nothing()
     dk = head_grad() if need_dkv else nothing()
     dv = new_empty((B, N, v_total), device=v.device, dtype=v.dtype) if need_dkv else nothing()
+    dgate = q.new_zeros(H, D, dtype=torch.float32) if need_dgate else nothing()
     if n_kept == 0 or B == 0 or N == 0 or not (need_dq or need_dkv):
-        return dq, dk, dv
+        return dq, dk, dv, dgate
 
     strides, meta = _launch_args(q, k, v, do, widths)
+    meta["GATED"] = gated
     delta = new_empty(lse.shape, device=lse.device, dtype=lse.dtype)
+    # One row of gate-gradient partials per query block of the config with the smallest
+    # blocks; a config with larger ones leaves its extra rows at zero.
+    dgate_rows = triton.cdiv(N, min(c.kwargs["BLOCK_M"] for c in attn_bwd_dq.configs)) if need_dgate else 0
+    partials = q.new_zeros(B, n_kept, dgate_rows, D, dtype=torch.float32) if need_dgate else None
     with on_device(q):
-        _attn_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK_M), B * n_kept)](
+        attn_bwd_delta[(triton.cdiv(N, DELTA_BLOCK_M), B * n_kept)](
             out, do, delta, table, *strides[-3:], H, N, n_kept, v_total,
-            V_ALIGN=meta["V_ALIGN"], BLOCK_V=meta["BLOCK_V"], BLOCK_M=_DELTA_BLOCK_M,
+            V_ALIGN=meta["V_ALIGN"], BLOCK_V=meta["BLOCK_V"], BLOCK_M=DELTA_BLOCK_M,
         )
         if need_dkv:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * n_kept)  # noqa: E731
-            _attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, table, *strides,
-                                 H, N, n_kept, v_total, scale, **meta)
+            attn_bwd_dkdv[grid](q, k, v, do, lse, delta, dk, dv, table, gate, *strides,
+                                H, N, n_kept, v_total, scale, **meta)
         if need_dq:
             grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * n_kept)  # noqa: E731
-            _attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, *strides,
-                               H, N, n_kept, v_total, scale, **meta)
-    return dq, dk, dv
+            attn_bwd_dq[grid](q, k, v, do, lse, delta, dq, table, gate, partials, dgate_rows, *strides,
+                              H, N, n_kept, v_total, scale, GATE_GRAD=need_dgate, **meta)
+    if need_dgate:   # heads without values keep a zero gradient: nothing they score reaches the output
+        dgate.index_copy_(0, table[:, 0].long(), partials.sum((0, 2)))
+    return dq, dk, dv, dgate
 
 
 # ---------------------------------------------------------------------------------------
@@ -480,14 +207,16 @@ def _backward(do, q, k, v, out, lse, widths: Tuple[int, ...], scale: float,
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("vtp::packed_attention_fwd", mutates_args=())
 def packed_attention_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: List[int], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: List[int], scale: float,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, N, sum(v_widths)], lse [B, kept heads, N] fp32, base 2)."""
-    return _forward(q, k, v, tuple(v_widths), scale)
+    """(out [B, N, sum(v_widths)], lse [B, kept heads, N] fp32, base 2); ``qk_gate``
+    [H, D] contiguous or None."""
+    return _forward(q, k, v, tuple(v_widths), scale, qk_gate)
 
 
 @packed_attention_fwd_op.register_fake
-def packed_attention_fwd_fake(q, k, v, v_widths, scale):
+def packed_attention_fwd_fake(q, k, v, v_widths, scale, qk_gate=None):
     B, _, N, _ = q.shape
     n_kept = sum(1 for w in v_widths if w > 0)
     return v.new_empty(B, N, sum(v_widths)), q.new_empty(B, n_kept, N, dtype=torch.float32)
@@ -497,33 +226,41 @@ def packed_attention_fwd_fake(q, k, v, v_widths, scale):
 def packed_attention_bwd_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, v_widths: List[int], scale: float,
-    need_dq: bool, need_dkv: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv); a gradient not asked for comes back as an empty tensor."""
-    return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv)
+    need_dq: bool, need_dkv: bool, qk_gate: Optional[torch.Tensor] = None, need_dgate: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dgate); a gradient not asked for comes back as an empty tensor. ``qk_gate``
+    is the forward's; with ``need_dgate`` dq is always computed and dgate is fp32 [H, D]."""
+    return _backward(grad_out, q, k, v, out, lse, tuple(v_widths), scale, need_dq, need_dkv, qk_gate, need_dgate)
 
 
 @packed_attention_bwd_op.register_fake
-def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv):
-    return (q.new_empty(q.shape) if need_dq else q.new_empty(0),
+def packed_attention_bwd_fake(grad_out, q, k, v, out, lse, v_widths, scale, need_dq, need_dkv, qk_gate=None,
+                              need_dgate=False):
+    gated = qk_gate is not None and need_dgate
+    return (q.new_empty(q.shape) if need_dq or gated else q.new_empty(0),
             k.new_empty(k.shape) if need_dkv else q.new_empty(0),
-            v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0))
+            v.new_empty(v.shape[0], v.shape[1], sum(v_widths)) if need_dkv else q.new_empty(0),
+            q.new_empty(qk_gate.shape, dtype=torch.float32) if gated else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, v_widths, scale = inputs
+    # A gate of None is not among ``inputs`` (custom ops drop defaulted arguments).
+    q, k, v, v_widths, scale, *gate = inputs
+    qk_gate = gate[0] if gate else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, qk_gate)
     ctx.v_widths, ctx.scale = v_widths, scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_rule(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, qk_gate = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    dq, dk, dv = packed_attention_bwd_op(
-        grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v)
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
+    need_gate = qk_gate is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dgate = packed_attention_bwd_op(
+        grad_out, q, k, v, out, lse, ctx.v_widths, ctx.scale, need_q, need_k or need_v, qk_gate, need_gate)
+    grads = (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None)
+    return grads + ((dgate.to(qk_gate.dtype) if need_gate else None,) if len(ctx.needs_input_grad) > 5 else ())
 
 
 packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -533,20 +270,29 @@ packed_attention_fwd_op.register_autograd(_backward_rule, setup_context=_setup_c
 # Public entry point
 # ---------------------------------------------------------------------------------------
 def packed_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Triton twin of ``reference.packed_attention``: q, k ``[B, H, N, D]``, v ``[B, N, sum(v_widths)]``
-    packed per head; returns ``[B, N, sum(v_widths)]`` packed the same way. Any strides."""
+    """Triton twin of ``reference.packed_attention``: q, k ``[B, H, N, Dqk]``, v ``[B, N, sum(v_widths)]``
+    packed per head (a width may exceed Dqk); returns ``[B, N, sum(v_widths)]`` packed the
+    same way. Any strides. ``qk_gate`` (``[H, Dqk]`` or ``[H, 1, Dqk]``) multiplies each q
+    tile inside the kernels, and its gradient is reduced in the dQ kernel."""
     widths = reference.check_value_layout(q, v, v_widths)
+    gate = reference.check_qk_gate(q, qk_gate)
     D = q.shape[-1]
     if k.shape != q.shape:
         raise ValueError(f"k: expected shape {list(q.shape)} like q, got {list(k.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(f"q, k, v: expected one dtype among float16, bfloat16, float32; "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if gate is not None and gate.dtype not in _DTYPES:
+        raise ValueError(f"qk_gate: expected float16, bfloat16 or float32, got {gate.dtype}")
     if scale is None:
-        scale = D ** -0.5
-    out, _ = packed_attention_fwd_op(q, k, v, widths, float(scale))
+        scale = reference.default_scale(D)
+    out, _ = packed_attention_fwd_op(q, k, v, widths, float(scale), None if gate is None else gate.contiguous())
     return out
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

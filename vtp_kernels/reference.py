@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gated_linear", "layer_norm_gather", "packed_attention", "padded_value_columns"]
+__all__ = ["check_qk_gate", "check_value_layout", "default_scale", "gated_linear", "layer_norm_gather",
+           "packed_attention", "padded_value_columns"]
 
 
 def gated_linear(
@@ -72,49 +73,103 @@ def packed_attention(
     scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None,
     v_padded: bool = False,
+    v_head_width: Optional[int] = None,
+    qk_gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Softmax attention whose heads have different value widths.
+    """Softmax attention whose heads have different value widths, and a query/key width of
+    their own; optionally a gate per query/key dim of each head.
 
-    q, k: ``[B, H, N, D]``; v: ``[B, N, sum(v_widths)]`` with head ``h``'s values
-    packed at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``, or, with ``v_padded``,
-    ``[B, N, H * D]`` with head ``h``'s values at ``[h * D, h * D + v_widths[h])`` (what the
-    other columns hold is ignored). A width may be 0. Returns ``[B, N, sum(v_widths)]``,
-    packed, ready for the output projection. ``scale`` defaults to ``D ** -0.5``.
+    q, k: ``[B, H, N, Dqk]``; v: ``[B, N, sum(v_widths)]`` with head ``h``'s values packed
+    at columns ``[sum(v_widths[:h]), sum(v_widths[:h+1]))``, or, with ``v_padded``,
+    ``[B, N, H * v_head_width]`` with head ``h``'s values at ``[h * vw, h * vw + v_widths[h])``
+    (``vw = v_head_width``, by default Dqk; what the other columns hold is ignored;
+    ``v_head_width`` means nothing to a packed V). A width may be 0 and may exceed Dqk;
+    Dqk may be 0 (every score 0: each head averages its values). Returns
+    ``[B, N, sum(v_widths)]``, packed, ready for the output projection. ``scale`` defaults
+    to ``Dqk ** -0.5``; callers pass the model's own, which pruning does not change.
     ``attn_bias`` is added to the scores (``[..., H, N, N]`` or broadcastable to it, as
-    ``scaled_dot_product_attention`` takes).
+    ``scaled_dot_product_attention`` takes). ``qk_gate`` (``[H, Dqk]`` or ``[H, 1, Dqk]``)
+    scales dim d of head h's scores, s = scale · Σ_d a_d q_d k_d: here ``q * gate`` (rounded to
+    q's dtype); the Triton kernel applies it to the q tile inside.
 
-    Computed by one ``scaled_dot_product_attention`` call on V padded to the queries' width D
-    (packed V is scattered into zeros first), then gathering the kept columns. D rather than
-    the widest head because the fused SDPA kernels need q, k and v of one width (flash on
-    CPU and CUDA): measured on a 2-core CPU, DeiT-S attention at batch 8 takes 16 ms fused
-    against 72-78 ms on the math path that any narrower V falls back to.
+    Computed by one ``scaled_dot_product_attention`` call at one width W for q, k and v,
+    then gathering the kept columns: W is the wider of Dqk and V's head width (a padded V's
+    ``vw``, a packed V's widest head). The narrower side is padded with zero columns, which
+    is exact: zero q/k columns add nothing to any score, zero value columns give output
+    columns that are never gathered. One width because the fused SDPA kernels need it
+    (flash, on CPU and CUDA; on the CPU flash refuses unequal widths, "Flash attention
+    requires q,k,v to have the same last dimension", and the math path runs). Measured on
+    a 2-core CPU, DeiT-S attention at batch 8: 16 ms fused against 72-78 ms on the math
+    path; and benchmarks/results/qk_sdpa_cpu.json (1 thread, interleaved medians):
+    q/k 16, 32 or 48 wide under 64-wide values, or values 16-48 wide under 64-wide q/k,
+    the padded forward is 1.4-1.7x faster than the math path on the unequal widths; forward
+    and backward 0.95-1.19x, the one case below 1 (q/k 16 wide) within the run's spread.
     """
-    widths = check_value_layout(q, v, v_widths, v_padded)
+    widths = check_value_layout(q, v, v_widths, v_padded, v_head_width)
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected shape {list(q.shape)} like q, got {list(k.shape)}")
+    gate = check_qk_gate(q, qk_gate)
     B, H, N, D = q.shape
     total = sum(widths)
-    if scale is None:
-        scale = D ** -0.5
+    scale = default_scale(D) if scale is None else scale
+    if gate is not None:
+        q = (q * gate.unsqueeze(1)).to(q.dtype)  # an fp32 gate on bf16 q: one rounding, as in the kernel
     if total == 0:
         return v[..., :0].clone()  # empty, but in the graph as the kernel's output is
-    width = max(D, max(widths))
-    # Every head at the full width: packed and padded are one layout, nothing to move.
-    cols = None if widths == [width] * H else padded_value_columns(tuple(widths), width, v.device)
-    if cols is not None and not v_padded:
-        v = v.new_zeros(B, N, H * width).index_copy(-1, cols, v)
-    out = F.scaled_dot_product_attention(q, k, v.view(B, N, H, width).transpose(1, 2), attn_mask=attn_bias,
-                                         scale=scale)
+    if v_padded:
+        vw = D if v_head_width is None else int(v_head_width)
+        width = max(D, vw)
+        v = v.reshape(B, N, H, vw)
+        if vw < width:
+            v = F.pad(v, (0, width - vw))
+    else:
+        width = max(D, max(widths))
+        # Every head at the full width: packed and padded are one layout, nothing to move.
+        if widths == [width] * H:
+            v = v.reshape(B, N, H, width)
+        else:
+            cols = padded_value_columns(tuple(widths), width, v.device)
+            v = v.new_zeros(B, N, H * width).index_copy(-1, cols, v).view(B, N, H, width)
+    if D < width:
+        q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
+    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_bias, scale=scale)
     out = out.transpose(1, 2).reshape(B, N, H * width)
-    if cols is None:
+    if widths == [width] * H:
         return out
     # gather, not index_select: 0.27 ms against 0.47 ms for DeiT-S at batch 8 on 2 cores
+    cols = padded_value_columns(tuple(widths), width, v.device)
     return torch.gather(out, -1, cols.expand(B, N, total))
 
 
-def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], v_padded: bool = False) -> List[int]:
+def default_scale(qk_width: int) -> float:
+    """The softmax scale when the caller gives none: ``qk_width ** -0.5``. With no query/key
+    dims every score is 0 whatever it is multiplied by, so 1.0 stands in."""
+    return qk_width ** -0.5 if qk_width > 0 else 1.0
+
+
+def check_qk_gate(q: torch.Tensor, qk_gate: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``qk_gate`` as ``[H, Dqk]`` (a view), after checking it against q ``[B, H, N, Dqk]``:
+    ``[H, Dqk]`` or ``[H, 1, Dqk]``, floating point, on q's device. None stays None."""
+    if qk_gate is None:
+        return None
+    H, D = q.shape[1], q.shape[-1]
+    if not isinstance(qk_gate, torch.Tensor) or tuple(qk_gate.shape) not in ((H, D), (H, 1, D)):
+        got = list(qk_gate.shape) if isinstance(qk_gate, torch.Tensor) else type(qk_gate).__name__
+        raise ValueError(f"qk_gate: expected a tensor of shape [{H}, {D}] or [{H}, 1, {D}] (heads, q/k dims), "
+                         f"got {got}")
+    if not qk_gate.is_floating_point() or qk_gate.device != q.device:
+        raise ValueError(f"qk_gate: expected a floating-point tensor on {q.device}, "
+                         f"got {qk_gate.dtype} on {qk_gate.device}")
+    return qk_gate.reshape(H, D)
+
+
+def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], v_padded: bool = False,
+                       v_head_width: Optional[int] = None) -> List[int]:
     """The per-head value widths as ints, after checking them and V's shape against q
-    ``[B, H, N, D]``: one width per head, none negative, none above D in a padded V, and
-    V ``[B, N, sum(v_widths)]`` (packed) or ``[B, N, H * D]`` (padded). Every backend of
-    ``packed_attention`` checks its inputs here."""
+    ``[B, H, N, Dqk]``: one width per head, none negative, none above the head width
+    ``v_head_width`` (default Dqk) in a padded V, and V ``[B, N, sum(v_widths)]`` (packed)
+    or ``[B, N, H * v_head_width]`` (padded). Every backend of ``packed_attention`` checks
+    its inputs here."""
     if q.dim() != 4:
         raise ValueError(f"q: expected [B, H, N, D], got shape {list(q.shape)}")
     B, H, N, D = q.shape
@@ -123,9 +178,15 @@ def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int]
         raise ValueError(f"v_widths: expected {H} entries (one per head of q), got {len(widths)}")
     if any(w < 0 for w in widths):
         raise ValueError(f"v_widths: widths must be >= 0, got {widths}")
-    if v_padded and any(w > D for w in widths):
-        raise ValueError(f"v_widths: a padded V holds at most {D} values per head, got {widths}")
-    expected = H * D if v_padded else sum(widths)
+    if v_head_width is None:
+        vw = D
+    elif isinstance(v_head_width, bool) or int(v_head_width) != v_head_width or v_head_width < 0:
+        raise ValueError(f"v_head_width: expected an int >= 0 (columns per head of a padded V), got {v_head_width!r}")
+    else:
+        vw = int(v_head_width)
+    if v_padded and any(w > vw for w in widths):
+        raise ValueError(f"v_widths: a padded V holds at most {vw} values per head, got {widths}")
+    expected = H * vw if v_padded else sum(widths)
     if v.dim() != 3 or v.shape[:2] != (B, N) or v.shape[-1] != expected:
         raise ValueError(f"v: expected shape [{B}, {N}, {expected}], got {list(v.shape)}")
     return widths
