@@ -16,22 +16,33 @@ Variants, forward and forward+backward (gradients of q, k and v):
     dense        F.scaled_dot_product_attention on the unpruned shape (all heads at
                  width 64): what the unpruned model pays
 
+With ``--qk-widths`` the run adds pruned query/key widths (``attn_qk``, issue 17): q and k
+Dqk wide under the same pruned values, with the variants (QK_VARIANTS) triton, reference
+(q/k padded with zero columns to the value width, then SDPA), sdpa_unequal (SDPA on the
+unequal widths as they are: whichever kernel torch picks), and triton_gated /
+reference_gated (the attn_qk gate inside the kernel, against ``q * gate`` before SDPA,
+the gate's gradient included); gradients are taken of the qkv output they are views of.
+It records which SDPA kernels take unequal widths (``qk.sdpa_backends``: each forced with
+``sdpa_kernel``, "runs" or its error).
+
 The kernel output and gradients are checked against the fp64 reference before anything is
 timed. Timings are triton.testing.do_bench (L2 flushed between runs); every raw timing is
 kept. Writes a table to stdout and packed_attention_<device>.json / .png into --out.
 
 gpu_check.py runs the same cases, checks and timed run (``config_cases``,
-``correctness_cases``, ``production_cases``, ``correctness``, ``run``).
+``correctness_cases``, ``production_cases``, ``correctness``, ``run``; for Dqk != V widths
+``qk_cases``, ``qk_correctness``, ``qk_run``, ``sdpa_backends_for_unequal_widths``).
 
     python benchmarks/bench_packed_attention.py                        # on a GPU
     python benchmarks/bench_packed_attention.py --smoke --out /tmp/pa  # CPU, interpreter
+    python benchmarks/bench_packed_attention.py --qk-widths 16 32 48   # also Dqk != V widths
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness, also when loaded by path
 from harness import arguments, checks, environment, records, timing  # noqa: E402
@@ -96,20 +107,25 @@ def production_cases(smoke: bool) -> List[Dict[str, object]]:
 # ---------------------------------------------------------------------------------------
 # Inputs, check and timed run
 # ---------------------------------------------------------------------------------------
+def split_qkv(qkv, heads: int, dqk: int):
+    """q, k ``[B, H, N, Dqk]`` and the packed v ``[B, N, rest]`` as views of qkv ``[B, N, 2*H*Dqk + rest]``."""
+    B, N, _ = qkv.shape
+    q = qkv[..., :heads * dqk].view(B, N, heads, dqk).transpose(1, 2)
+    k = qkv[..., heads * dqk:2 * heads * dqk].view(B, N, heads, dqk).transpose(1, 2)
+    return q, k, qkv[..., 2 * heads * dqk:]
+
+
 def inputs(torch, device, dtype, p, empty=False):
-    """q, k, v as views of one qkv projection output [B, N, 2*H*D + sum(widths)] (the
-    pruned attention's layout), and dout; ``q_layout="heads_innermost"`` stores q as
-    [B, N, D, H] instead, so its head stride is 1. ``empty``: uninitialised tensors."""
+    """q, k, v as views of one qkv projection output [B, N, 2*H*Dqk + sum(widths)] (the
+    pruned attention's layout; Dqk is ``dqk``, by default D), and dout;
+    ``q_layout="heads_innermost"`` stores q as [B, N, Dqk, H] instead, so its head stride
+    is 1. ``empty``: uninitialised tensors."""
     new = torch.empty if empty else torch.randn
-    B, N, D, widths = p["B"], p["N"], p["D"], p["widths"]
-    H = len(widths)
-    row = 2 * H * D + sum(widths)
-    qkv = new(B, N, row, device=device).to(dtype)
-    q = qkv[..., :H * D].view(B, N, H, D).transpose(1, 2)
-    k = qkv[..., H * D:2 * H * D].view(B, N, H, D).transpose(1, 2)
-    v = qkv[..., 2 * H * D:]
+    B, N, widths = p["B"], p["N"], p["widths"]
+    H, dqk = len(widths), p.get("dqk", p["D"])
+    q, k, v = split_qkv(new(B, N, 2 * H * dqk + sum(widths), device=device).to(dtype), H, dqk)
     if p.get("q_layout") == "heads_innermost":
-        q = new(B, N, D, H, device=device).to(dtype).permute(0, 3, 1, 2)
+        q = new(B, N, dqk, H, device=device).to(dtype).permute(0, 3, 1, 2)
     return q, k, v, new(B, N, sum(widths), device=device).to(dtype)
 
 
@@ -175,7 +191,7 @@ def prepare(torch, device, c: Dict[str, object], compile_backend: str,
     extra = {"B": B, "N": N, "H": H, "D": D, "widths": list(widths), "round_to": p.get("round_to"),
              "qkv_row_stride": q.stride(2)}
     return {"variants": variants, "roles": roles, "inputs": operands, "grads": grads, "extra": extra,
-            "leaves": leaves, "padded": padded}
+            "leaves": leaves}
 
 
 def run(torch, device, c: Dict[str, object], timer: timing.Timer, *, compile_backend: str,
@@ -211,14 +227,13 @@ def sdpa_backend_of(names: Sequence[str]) -> str:
     return "math"
 
 
-def sdpa_backend_ran(torch, prepared: Dict[str, object], cuda: bool) -> Dict[str, str]:
-    """The SDPA backend the default dispatch picks for the reference and for sdpa_padded."""
-    import torch.nn.functional as F
-
-    ran = {"reference": prepared["variants"]["reference"], "sdpa_padded": F.scaled_dot_product_attention}
-    operands = {"reference": prepared["leaves"], "sdpa_padded": prepared["padded"]}
-    return {name: sdpa_backend_of(kernel_names(torch, timing.forward(torch, fn, operands[name]), cuda))
-            for name, fn in ran.items()}
+def sdpa_backend_ran(torch, prepared: Dict[str, object], cuda: bool,
+                     names: Sequence[str] = ("reference", "sdpa_padded")) -> Dict[str, str]:
+    """The SDPA backend the default dispatch picks in each of the prepared variants ``names``
+    (forward, on the variant's own inputs)."""
+    return {name: sdpa_backend_of(kernel_names(torch, timing.forward(torch, prepared["variants"][name],
+                                                                     prepared["inputs"][name]), cuda))
+            for name in names}
 
 
 def pruned_widths(torch, heads: int, head_dim: int, prune: float, dropped: int, round_to: int,
@@ -237,6 +252,163 @@ def pruned_widths(torch, heads: int, head_dim: int, prune: float, dropped: int, 
     keep[scores.flatten().argsort()[:removed]] = False
     widths = keep.view(heads, head_dim).sum(1).tolist()
     return [min(head_dim, -(-w // round_to) * round_to) for w in widths]
+
+
+# ---------------------------------------------------------------------------------------
+# Pruned query/key widths (attn_qk): Dqk != value widths
+# ---------------------------------------------------------------------------------------
+QK_VARIANTS = {"triton": "candidate", "reference": "alternative", "sdpa_unequal": "alternative",
+               "triton_gated": "candidate", "reference_gated": "alternative"}
+QK_GATED = ("triton_gated", "reference_gated")
+QK_CHECKED = (("triton", "reference"), ("triton_gated", "reference_gated"))  # (kernel, its reference)
+GPU_QK_WIDTHS = (16, 32)  # gpu_check's Dqk of DeiT's 64: a quarter and a half of the q/k dims kept
+
+
+def qk_case(model: str, dtype: str, dqk: int, **params) -> Dict[str, object]:
+    """A case of q/k ``dqk`` wide under pruned values: B, N, D (the unpruned head width:
+    the softmax scale stays D ** -0.5, as pruning leaves it) and the kept heads' ``widths``."""
+    return case(f"{model}/dqk{dqk}", dtype, dqk=dqk, **params)
+
+
+def qk_cases(smoke: bool) -> List[Dict[str, object]]:
+    """gpu_check's: the 40 % pruned DeiT-B (round_to=8) at batch 256, bf16, q/k kept at each
+    GPU_QK_WIDTHS (--smoke: one small fp32 case, values wider and narrower than Dqk)."""
+    if smoke:
+        return [qk_case("smoke", "fp32", 8, B=2, N=13, D=16, widths=(8, 16, 5), round_to=1)]
+    return [qk_case("deit_b", "bf16", dqk, B=256, N=197, D=64, widths=DEIT_B_WIDTHS[8], heads=12, round_to=8)
+            for dqk in GPU_QK_WIDTHS]
+
+
+def qk_variants(torch, p: Dict[str, object]) -> Dict[str, Callable]:
+    """Every QK_VARIANTS entry as a function of qkv ``[B, N, 2*H*Dqk + sum(widths)]`` (and
+    the gate ``[H, Dqk]`` for the gated ones), returning the packed ``[B, N, sum(widths)]``."""
+    import torch.nn.functional as F
+
+    from vtp_kernels import reference
+    from vtp_kernels._packed_attention import packed_attention_triton
+
+    widths, dqk, scale = tuple(p["widths"]), p["dqk"], p["D"] ** -0.5
+    H, width = len(widths), max(widths)
+
+    def sdpa_unequal(qkv):  # V padded to its widest head, q/k left Dqk wide: torch picks the kernel
+        q, k, v = split_qkv(qkv, H, dqk)
+        B, N, _ = v.shape
+        cols = reference.padded_value_columns(widths, width, v.device)
+        v = v.new_zeros(B, N, H * width).index_copy(-1, cols, v).view(B, N, H, width).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * width)
+        return out.index_select(-1, cols)
+
+    return {
+        "triton": lambda qkv: packed_attention_triton(*split_qkv(qkv, H, dqk), widths, scale),
+        "reference": lambda qkv: reference.packed_attention(*split_qkv(qkv, H, dqk), widths, scale),
+        "sdpa_unequal": sdpa_unequal,
+        "triton_gated": lambda qkv, gate: packed_attention_triton(*split_qkv(qkv, H, dqk), widths, scale, gate),
+        "reference_gated": lambda qkv, gate: reference.packed_attention(*split_qkv(qkv, H, dqk), widths, scale,
+                                                                        qk_gate=gate)}
+
+
+def qk_inputs(torch, device, dtype, p):
+    """qkv ``[B, N, 2*H*Dqk + sum(widths)]``, an fp32 gate ``[H, Dqk]`` in [0.5, 1.5) (a
+    trained gate, away from 0) and dout ``[B, N, sum(widths)]``."""
+    B, N, widths, dqk = p["B"], p["N"], p["widths"], p["dqk"]
+    qkv = torch.randn(B, N, 2 * len(widths) * dqk + sum(widths), device=device).to(dtype)
+    gate = torch.rand(len(widths), dqk, device=device) + 0.5
+    return qkv, gate, torch.randn(B, N, sum(widths), device=device).to(dtype)
+
+
+def qk_correctness(torch, device, c: Dict[str, object]) -> Dict[str, object]:
+    """The kernel with and without the gate against its fp64 reference (harness.checks):
+    errors ``<kernel>/out``, ``<kernel>/dqkv`` and ``triton_gated/dgate``; judged."""
+    fns = qk_variants(torch, c["params"])
+    qkv, gate, dout = qk_inputs(torch, device, environment.dtype_of(torch, c["dtype"]), c["params"])
+    errors = {}
+    for kernel, ref in QK_CHECKED:
+        leaves = (qkv, gate) if kernel in QK_GATED else (qkv,)
+        result = checks.against_fp64(torch, fns[kernel], fns[ref], leaves, dout, ("out", "dqkv", "dgate")[:1 + len(leaves)])
+        errors.update({f"{kernel}/{name}": e for name, e in result["errors"].items()})
+    return checks.judge({"errors": errors}, c["dtype"])
+
+
+def qk_prepare(torch, device, c: Dict[str, object]) -> Dict[str, object]:
+    """The QK_VARIANTS of case ``c`` on fresh inputs, for timing.time_case (gradients of qkv,
+    and of the gate in the gated variants)."""
+    p = c["params"]
+    qkv, gate, dout = qk_inputs(torch, device, environment.dtype_of(torch, c["dtype"]), p)
+    qkv, gate = qkv.requires_grad_(), gate.requires_grad_()
+    extra = {"B": p["B"], "N": p["N"], "H": len(p["widths"]), "D": p["D"], "dqk": p["dqk"],
+             "widths": list(p["widths"]), "round_to": p.get("round_to")}
+    return {"variants": qk_variants(torch, p), "roles": dict(QK_VARIANTS), "extra": extra,
+            "inputs": {n: (qkv, gate) if n in QK_GATED else (qkv,) for n in QK_VARIANTS},
+            "grads": {n: dout for n in QK_VARIANTS}}
+
+
+def qk_run(torch, device, c: Dict[str, object], timer: timing.Timer, *, modes: Sequence[str] = timing.MODES,
+           rounds: int = 2, sync=lambda: None):
+    """Case ``c``'s QK_VARIANTS timed: rows (as ``run``'s, with dqk) and the variants that failed;
+    and which SDPA backend the reference and sdpa_unequal ran."""
+    prepared = qk_prepare(torch, device, c)
+    ran = sdpa_backend_ran(torch, prepared, device.type == "cuda", ("reference", "sdpa_unequal"))
+    rows, failures = timing.time_case(torch, c, prepared, timer, modes=modes, rounds=rounds, sync=sync)
+    return rows, failures, ran
+
+
+def sdpa_backends_for_unequal_widths(torch, device, dtype, dqk: int, dv: int) -> Dict[str, str]:
+    """Each SDPA kernel forced in turn on q/k ``dqk`` wide and v ``dv`` wide: "runs", or the
+    first line of its error."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.randn(2, 2, 16, dqk, device=device, dtype=dtype)
+    v = torch.randn(2, 2, 16, dv, device=device, dtype=dtype)
+    verdicts = {}
+    for backend in sdpa_backends().values():
+        try:
+            with sdpa_kernel([backend]), torch.no_grad():
+                F.scaled_dot_product_attention(q, q, v)
+            verdicts[backend.name] = "runs"
+        except RuntimeError as e:
+            verdicts[backend.name] = str(e).strip().splitlines()[0]
+    return verdicts
+
+
+def run_qk_widths(torch, args, device, model_widths: Dict[str, Tuple[int, ...]], timer: timing.Timer
+                  ) -> Dict[str, object]:
+    """For each model (its pruned value widths ``model_widths``) and each Dqk in --qk-widths:
+    the kernel checked (qk_correctness), then every QK variant timed, one round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    dtype = environment.dtype_of(torch, args.dtype)
+    record = {"qk_widths": list(args.qk_widths), "bound": checks.BOUNDS[args.dtype], "cases": {}, "results": [],
+              "sdpa_backend_ran": {},
+              "sdpa_backends": {f"dqk{w}_dv{args.head_dim}": sdpa_backends_for_unequal_widths(
+                  torch, device, dtype, w, args.head_dim) for w in args.qk_widths if w != args.head_dim}}
+    for name, widths in model_widths.items():
+        for dqk in args.qk_widths:
+            c = qk_case(name, args.dtype, dqk, B=args.batch, N=args.tokens, D=args.head_dim, widths=widths,
+                        round_to=args.round_to)
+            check = qk_correctness(torch, device, c)
+            checks.require_within(check["errors"], check["bound"], f"{c['label']}: triton packed_attention",
+                                  "error norm / fp64 reference norm")
+            rows, failures, record["sdpa_backend_ran"][c["label"]] = qk_run(torch, device, c, timer, rounds=1,
+                                                                            sync=sync)
+            if failures:
+                raise SystemExit(f"bench_packed_attention --qk-widths: variants failed: {failures}")
+            record["results"] += [{"model": name, "dqk": dqk, "variant": r["variant"], "mode": r["mode"],
+                                   "median_ms": r["median_ms"], "raw_ms": timing.raw_ms(r)} for r in rows]
+            record["cases"][c["label"]] = {"heads": MODELS[name], "kept_heads": len(widths), "dqk": dqk,
+                                           "v_widths": list(widths), "rel_err": check["errors"]}
+    record["medians_ms"] = {f"{r['model']}/dqk{r['dqk']}/{r['mode']}/{r['variant']}": r["median_ms"]
+                            for r in record["results"]}
+    return record
+
+
+def print_qk(qk: Dict[str, object]) -> None:
+    for shapes, verdicts in qk["sdpa_backends"].items():
+        print(f"  SDPA on {shapes}: " + "; ".join(f"{b} {v}" for b, v in verdicts.items()))
+    print(f"{'model/Dqk':<16}{'mode':<9}" + "".join(f"{v:>16}" for v in QK_VARIANTS) + "   (median ms)")
+    for key in qk["cases"]:
+        for mode in timing.MODES:
+            print(f"{key:<16}{mode:<9}" + "".join(f"{qk['medians_ms'][f'{key}/{mode}/{v}']:>16.4f}"
+                                                  for v in QK_VARIANTS))
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,6 +434,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the 'compiled' variant (default: inductor; aot_eager with --smoke)")
     p.add_argument("--seed", type=int, default=0, help="random seed for the width pattern and the inputs")
+    p.add_argument("--qk-widths", type=int, nargs="*", default=[],
+                   help="also time q/k pruned to each of these widths (Dqk, of DeiT's head dim 64) under the pruned "
+                        "values (--smoke: scaled from 64 to 16)")
     arguments.add_output_flags(p, smoke_help="CPU check of the script itself: tiny shapes (B=1, N=13, D=16), fp32, "
                                              "few iterations, Triton under TRITON_INTERPRET=1, wall-clock timing; its "
                                              "numbers are not kernel speeds")
@@ -272,6 +447,10 @@ def parse_args(argv=None):
         args.warmup, args.rep = min(args.warmup, 1), min(args.rep, 3)
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
+    if any(w < 0 or w > 64 for w in args.qk_widths):
+        p.error(f"--qk-widths: expected widths in [0, 64] (of DeiT's head dim 64), got {args.qk_widths}")
+    if args.smoke:
+        args.qk_widths = sorted({w * args.head_dim // 64 for w in args.qk_widths})
     return args
 
 
@@ -282,11 +461,12 @@ def main(argv=None) -> Dict[str, object]:
     generator = torch.Generator().manual_seed(args.seed)
     timer = timing.kernel_timer(cuda, args.warmup, args.rep)
 
-    models, results = {}, []
+    models, results, kept_widths = {}, [], {}
     for name in args.models:
         heads, D = MODELS[name], args.head_dim
         widths_all = pruned_widths(torch, heads, D, args.prune, args.dropped_heads, args.round_to, generator)
         widths = tuple(w for w in widths_all if w > 0)         # dropped heads leave q and k too
+        kept_widths[name] = widths
         c = case(name, args.dtype, B=args.batch, N=args.tokens, D=D, widths=widths, heads=heads,
                  round_to=args.round_to)
         check = correctness(torch, device, c)
@@ -302,6 +482,7 @@ def main(argv=None) -> Dict[str, object]:
                  "v_widths": widths_all, "v_total": sum(widths), "kept_share": sum(widths) / (heads * D)}
         models[name] = {"shape": shape, "rel_err": check["errors"], "bound": check["bound"]}
 
+    qk = run_qk_widths(torch, args, device, kept_widths, timer) if args.qk_widths else None
     record = {
         **records.record_head("packed_attention", __file__, argv, smoke=args.smoke,
                               device=environment.device_name(torch, device),
@@ -309,13 +490,15 @@ def main(argv=None) -> Dict[str, object]:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "config": {"models": args.models, "batch": args.batch, "tokens": args.tokens, "head_dim": args.head_dim,
                    "prune": args.prune, "dropped_heads": args.dropped_heads, "round_to": args.round_to,
-                   "dtype": args.dtype, "variants": args.variants, "warmup": args.warmup, "rep": args.rep,
+                   "dtype": args.dtype, "variants": args.variants, "qk_widths": args.qk_widths,
+                   "warmup": args.warmup, "rep": args.rep,
                    "compile_backend": args.compile_backend, "seed": args.seed,
                    "timer": timing.TIMER_WALL_CLOCK if args.smoke else timing.TIMER_DO_BENCH},
         "models": models,
         "correctness": {name: {"rel_err": m["rel_err"], "bound": m["bound"]} for name, m in models.items()},
         "results": results,
         "medians_ms": {f"{r['model']}/{r['mode']}/{r['variant']}": r["median_ms"] for r in results},
+        **({"qk": qk} if qk is not None else {}),
     }
 
     print(f"packed_attention  B={args.batch} N={args.tokens} D={args.head_dim} {args.dtype}  on {record['device']}"
@@ -331,6 +514,8 @@ def main(argv=None) -> Dict[str, object]:
         print(f"{r['model']:<8}{r['mode']:<9}{r['variant']:<20}{r['median_ms']:>11.4f}"
               + (f"{ref / r['median_ms']:>13.2f}x" if ref else f"{'-':>14}")
               + (f"{dense / r['median_ms']:>9.2f}x" if dense else f"{'-':>10}"))
+    if qk is not None:
+        print_qk(qk)
 
     stem = records.output_stem(args.out, "packed_attention", args.smoke, record["device"])
     records.save_record(record, stem, None if args.no_plot else plot)
