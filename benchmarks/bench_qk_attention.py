@@ -36,8 +36,8 @@ import time
 import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
-import common  # noqa: E402  (puts the repository root on sys.path too)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harness, also when loaded by path
+from harness import RESULTS, arguments, environment, records, timing  # noqa: E402
 
 PARTS = ("sdpa", "gate-cost")
 # (Dqk, Dv) per head: q/k narrower than V (the pruned attn_qk widths against DeiT-S's full
@@ -48,7 +48,7 @@ GATE_THRESHOLD = 0.03   # issue 17: a fused-gate Triton attention only above thi
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, common.DefaultsHelpFormatter)
+    p = arguments.parser(__doc__, arguments.DefaultsHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--batch", type=int, default=8, help="images per batch B")
     p.add_argument("--heads", type=int, default=6, help="heads H (DeiT-S: 6)")
@@ -61,11 +61,11 @@ def parse_args(argv=None):
                    help="torch intra-op threads; 1 by default: on a CPU shared with other work, a multi-threaded "
                         "op waits for its slowest thread and the spread swamps the ratios")
     p.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
-    p.add_argument("--out", default=common.RESULTS, help="folder for the JSON records")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON records")
     p.add_argument("--smoke", action="store_true",
                    help="a check of the script: B=1, N=13, H=2, head dim 16, few repetitions; not speeds")
     args = p.parse_args(argv)
-    args.parts = common.subset(args.parts, PARTS, "--parts")
+    args.parts = arguments.subset(args.parts, PARTS, "--parts")
     if args.smoke:
         args.batch, args.heads, args.tokens, args.head_dim = 1, 2, 13, 16
         args.warmup, args.rep, args.gate_rep = 1, 3, 3
@@ -95,7 +95,10 @@ def split_qkv(qkv, heads: int, dqk: int, dv: int):
 
 def interleaved_ms(steps: Dict[str, Callable[[], object]], warmup: int, rep: int) -> Dict[str, List[float]]:
     """``rep`` perf_counter times (ms) of every step, one of each per repetition, the order
-    rotating from one repetition to the next; ``warmup`` untimed calls of each first."""
+    rotating from one repetition to the next; ``warmup`` untimed calls of each first.
+
+    Finer than harness.timing.interleaved (rounds of many calls per variant): the paired
+    ratios below divide times taken side by side, one call apart, under the same load."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -113,7 +116,7 @@ def paired_ratio(raw: Dict[str, List[float]], num: str, den: str) -> Dict[str, f
     """Median and p10/p90 of ``num / den`` taken within each repetition (the two ran side by
     side, under the same load), next to the ratio of the medians."""
     ratios = [a / b for a, b in zip(raw[num], raw[den])]
-    q = common.quantiles_ms(ratios)
+    q = timing.quantiles_ms(ratios)
     return {"median_of_medians": statistics.median(raw[num]) / statistics.median(raw[den]),
             "paired_median": q["p50"], "paired_p10": q["p10"], "paired_p90": q["p90"]}
 
@@ -196,7 +199,7 @@ def run_sdpa(torch, F, args) -> Dict[str, object]:
         case = {"dqk": dqk, "dv": dv, "max_abs_diff_float64": err, **verdict, "modes": {}}
         for mode in ("fwd", "fwd+bwd"):
             case["modes"][mode] = {
-                name: common.quantiles_ms(raw[f"{mode}/{name}"]) for name in SDPA_VARIANTS}
+                name: timing.quantiles_ms(raw[f"{mode}/{name}"]) for name in SDPA_VARIANTS}
             case["modes"][mode]["as_is_over_pad"] = paired_ratio(raw, f"{mode}/as_is", f"{mode}/pad")
         cases.append(case)
         results += [{"dqk": dqk, "dv": dv, "mode": key.split("/")[0], "variant": key.split("/")[1],
@@ -251,7 +254,7 @@ def run_gate_cost(torch, F, args) -> Dict[str, object]:
     if not err <= 1e-12:
         raise SystemExit(f"the gated attention at gate 1 differs from the plain one by {err:.2e}")
     raw = interleaved_ms(steps, args.warmup, args.gate_rep)
-    timings = {name: common.quantiles_ms(times) for name, times in raw.items()}
+    timings = {name: timing.quantiles_ms(times) for name, times in raw.items()}
     end_to_end = paired_ratio(raw, "gated", "plain")
     # The multiply's own time over the plain step: the figure the 3 % rule is held to.
     # gated - plain measures the same thing end to end, but on a shared CPU the spread of a
@@ -283,26 +286,26 @@ def main(argv=None) -> Dict[str, Dict[str, object]]:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    device = common.device_name(torch, torch.device("cpu"), cores=True)
+    device = environment.device_name(torch, torch.device("cpu"), cores=True)
     config = {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim,
               "warmup": args.warmup, "rep": args.rep, "gate_rep": args.gate_rep, "seed": args.seed,
               "threads": torch.get_num_threads(), "dtype": "fp32",
-              "timer": common.TIMER_WALL_CLOCK + ", interleaved"}
-    records = {}
+              "timer": timing.TIMER_WALL_CLOCK + ", interleaved"}
+    written = {}
     for part in args.parts:
         print(f"{part}: B={args.batch} H={args.heads} N={args.tokens} on {device}, load average {load_average()}"
-              + common.smoke_suffix(args.smoke, "  [smoke: not speeds]"))
+              + records.smoke_suffix(args.smoke, "  [smoke: not speeds]"))
         before = load_average()
         body = run_sdpa(torch, F, args) if part == "sdpa" else run_gate_cost(torch, F, args)
         prefix = "qk_sdpa" if part == "sdpa" else "qk_gate_cost"
-        record = {**common.record_head(prefix, __file__, argv, smoke=args.smoke, device=device,
+        record = {**records.record_head(prefix, __file__, argv, smoke=args.smoke, device=device,
                                        packages=("python", "torch")),
-                  "created": common.now().isoformat(timespec="seconds"),
+                  "created": records.now().isoformat(timespec="seconds"),
                   "load_average_before": before, "load_average_after": load_average(),
                   "config": config, **body}
-        common.save_record(record, common.output_stem(args.out, prefix, args.smoke, "cpu"), None)
-        records[part] = record
-    return records
+        records.save_record(record, records.output_stem(args.out, prefix, args.smoke, "cpu"), None)
+        written[part] = record
+    return written
 
 
 if __name__ == "__main__":
