@@ -11,14 +11,14 @@ every step everything so far (records, logs, the summary) is packed into one arc
 ``gpu_check_<device>_<time>.tar.gz`` in --out (default $OUT if set):
 
     step         limit  what
-    environment   20 s  device, versions (which timm, from where), SDPA switches, clocks,
+    environment   15 s  device, versions (which timm, from where), SDPA switches, clocks,
                         the machine's two ceilings (bf16 GEMM TFLOP/s, copy GB/s)
     compile       40 s  every Triton launch the later steps make, compiled ahead by parallel
                         workers into the Triton cache the steps share (Triton compiles one
                         kernel at a time otherwise, and they need a few hundred)
-    configs       40 s  every autotune config of every kernel forced once on a small ragged
+    configs       35 s  every autotune config of every kernel forced once on a small ragged
                         bf16 shape, against the fp64 reference, outputs pre-filled with NaN
-    correctness   50 s  every op in bf16, fp16 and fp32 against its reference in fp64 on
+    correctness   45 s  every op in bf16, fp16 and fp32 against its reference in fp64 on
                         upcast inputs, at DeiT-B widths and at ragged small shapes, outputs
                         pre-filled with NaN; determinism of dgate, dweight/dbias, dq/dk/dv
     ops           75 s  each op at DeiT-B batch 256 in the dtype the model runs it in,
@@ -26,10 +26,16 @@ every step everything so far (records, logs, the summary) is packed into one arc
                         of the reference, SDPA with V padded to the head dim (each SDPA
                         backend, and which one the default dispatch ran), and floors
                         (nn.Linear without a gate, a full-width LayerNorm)
+    qk_attention  25 s  the pruned DeiT-B attention with q/k narrower than the values (Dqk
+                        16 and 32 of 64, batch 256, bf16): the kernel with and without the
+                        attn_qk gate against the fp64 reference, then timed against the
+                        padded reference, SDPA on the unequal widths and q * gate before
+                        SDPA; which CUDA SDPA kernels take unequal widths (a record, not
+                        part of the decision)
     training     135 s  a DeiT-B training step (bf16 autocast, fused AdamW): ungated timm
                         against the gated model with backend torch and with gated_linear on
                         Triton, eager, then torch.compile as time allows (target <= 1.03x)
-    pruned        50 s  DeiT-B pruned 40 % (round_to 1 and 8): inference with backend torch,
+    pruned        40 s  DeiT-B pruned 40 % (round_to 1 and 8): inference with backend torch,
                         triton, and each op alone on Triton; autotune keys per kernel
     decision            benchmarks/decide.py's rule applied to the records (no GPU)
 
@@ -52,11 +58,9 @@ fp32/fp16, wall-clock timers, no time limits): it checks the script, not the mac
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -81,7 +85,8 @@ MODEL = "deit_base_patch16_224"
 OPS = (bench_gated_linear, bench_layer_norm_gather, bench_packed_attention)
 PRUNED_RATIO, PRUNED_ROUND_TOS = 0.4, (1, 8)
 # (name, limit in seconds), in the order they run, filled by @step below. The limits add up
-# to 410 s, inside the budget.
+# to 410 s, inside the budget; qk_attention's 25 s came from environment, configs and
+# correctness (5 s each) and pruned (10 s).
 STEPS: List = []
 STEP_FUNCTIONS: Dict[str, Callable] = {}
 
@@ -120,7 +125,8 @@ def op_module(c: Dict[str, object]):
 
 def compile_jobs() -> List[Dict[str, object]]:
     """Every Triton launch of the GPU run's steps (precompile.py compiles them ahead)."""
-    return precompile.jobs(production_cases(False), configs_cases(False), correctness_cases(False), PRUNED_ROUND_TOS)
+    return precompile.jobs(production_cases(False), configs_cases(False), correctness_cases(False), PRUNED_ROUND_TOS,
+                           bench_packed_attention.qk_cases(False))
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,40 +154,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _version_tuple(text: str):
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
-
-
-def carried_packages(wheels_dir: str) -> Dict[str, object]:
-    """Install the carried wheels of packages that are missing or older than MIN_VERSIONS
-    into a temporary folder; returns {"path": folder or None, "packages": {name: source}}."""
-    from importlib import metadata
-
-    sources: Dict[str, str] = {}
-    needed = []
-    for name, minimum in MIN_VERSIONS.items():
-        try:
-            have = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            have = None
-        if have is not None and _version_tuple(have) >= _version_tuple(minimum):
-            sources[name] = f"installed {have}"
-            continue
-        wheels = sorted(glob.glob(os.path.join(wheels_dir, f"{name}-*.whl")))
-        if not wheels:
-            sources[name] = f"installed {have}, older than {minimum}, and no wheel in {wheels_dir}" if have \
-                else f"missing, and no wheel in {wheels_dir}"
-            continue
-        needed.append(wheels[-1])
-        sources[name] = f"carried wheel {os.path.basename(wheels[-1])} (installed: {have})"
-    if not needed:
-        return {"path": None, "packages": sources}
-    site = tempfile.mkdtemp(prefix="vtp-gpu-check-site-")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--target", site, *needed], check=True)
-    return {"path": site, "packages": sources}
-
-
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
     if args.compile_worker:
@@ -195,7 +167,7 @@ def main(argv=None) -> Dict[str, object]:
     started = records.now()
     out = os.path.abspath(args.out)
     work = tempfile.mkdtemp(prefix="vtp-gpu-check-")
-    carried = carried_packages(args.wheels)
+    carried = environment.carried_packages(args.wheels, MIN_VERSIONS)
     env = dict(os.environ, PYTHONUNBUFFERED="1", VTP_CARRIED=json.dumps(carried["packages"]))
     # One Triton cache for the compile workers and the steps, outside the archived folder.
     env.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="vtp-triton-cache-"))
@@ -326,7 +298,7 @@ def first_configs():
 # ---------------------------------------------------------------------------------------
 # The steps, in the order they run
 # ---------------------------------------------------------------------------------------
-@step("environment", 20)
+@step("environment", 15)
 def step_environment(step: Step) -> None:
     torch = step.torch
     rec = step.record
@@ -398,7 +370,7 @@ def step_compile(step: Step) -> None:
         step.save()
 
 
-@step("configs", 40)
+@step("configs", 35)
 def step_configs(step: Step) -> None:
     """Every autotune config of every kernel forced once on each op's config case."""
     import triton
@@ -426,7 +398,7 @@ def step_configs(step: Step) -> None:
     rec["all_ok"] = all(r["ok"] is not False for r in rec["results"])
 
 
-@step("correctness", 50)
+@step("correctness", 45)
 def step_correctness(step: Step) -> None:
     """Every correctness case of every op, under the first config of every autotuned kernel:
     the configs step ran each of them, and the ops step checks the tuned choice at batch 256
@@ -477,6 +449,34 @@ def step_ops(step: Step) -> None:
             if failures:
                 rec.setdefault("failed_variants", []).extend(failures)
             step.save()
+
+
+@step("qk_attention", 25)
+def step_qk_attention(step: Step) -> None:
+    """Dqk != value widths (bench_packed_attention's QK cases): the kernel with and without
+    the gate checked against the fp64 reference, then every QK variant timed; which SDPA
+    kernels take unequal widths, and which one the default dispatch ran."""
+    op, torch, rec = bench_packed_attention, step.torch, step.record
+    cases = op.qk_cases(step.smoke)
+    dtype = environment.dtype_of(torch, cases[0]["dtype"])
+    rec.update(checks={}, sdpa_backend_ran={}, sdpa_backends={
+        f"dqk{c['params']['dqk']}_dv{c['params']['D']}": op.sdpa_backends_for_unequal_widths(
+            torch, step.device, dtype, c["params"]["dqk"], c["params"]["D"]) for c in cases})
+    for c in cases:
+        if step.left() < 8:  # a case takes a few seconds once compiled: keep the record whole
+            rec.setdefault("skipped", []).append(f"{c['label']}: {step.left():.0f} s left")
+            continue
+        rec["checks"][c["label"]] = op.qk_correctness(torch, step.device, c)
+        step.save()
+        if not rec["checks"][c["label"]]["ok"]:
+            continue  # a wrong kernel's speed is no result
+        rows, failures, rec["sdpa_backend_ran"][c["label"]] = op.qk_run(torch, step.device, c, step.timer,
+                                                                        sync=step.sync)
+        rec["results"] += rows
+        if failures:
+            rec.setdefault("failed_variants", []).extend(failures)
+        step.save()
+    rec["all_ok"] = bool(rec["checks"]) and all(c["ok"] for c in rec["checks"].values())
 
 
 # Eager first, then compiled as time allows: ungated, gated with gated_linear on Triton,
@@ -533,7 +533,7 @@ def _vs_ungated(rec: Dict[str, object]) -> None:
             r["within_target"] = r["vs_ungated"] <= rec["target_vs_ungated"]
 
 
-@step("pruned", 50)
+@step("pruned", 40)
 def step_pruned(step: Step) -> None:
     """The model pruned 40 % at each round_to: inference (bench_model.measure) with backend
     torch, triton and each op alone on Triton, after a triton-vs-torch logits check."""

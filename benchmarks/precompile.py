@@ -7,7 +7,8 @@ architecture, benchmarks/compile_sm90.py) and leave them in Triton's cache
 (TRITON_CACHE_DIR, shared with the steps), so the steps find them compiled. A launch the
 workers missed is compiled where it runs.
 
-The jobs are the cases of the op benchmarks (each bench_<op>.py's ``inputs``) and the
+The jobs are the cases of the op benchmarks (each bench_<op>.py's ``inputs``; the
+attention cases of q/k narrower than the values with the attn_qk gate as well) and the
 pruned models of bench_model.py; gpu_check.py says which cases each step runs.
 """
 from __future__ import annotations
@@ -43,9 +44,13 @@ def compile_case(torch, c: Dict[str, object]) -> None:
         module._backward(torch.empty(y.shape, dtype=y.dtype), x, index, w, mean, rstd, True, True, True)
     else:
         q, k, v, dout = tensors
-        widths = tuple(p["widths"])
-        out, lse = module._forward(q, k, v, widths, p["D"] ** -0.5)
-        module._backward(dout, q, k, v, out, lse, widths, p["D"] ** -0.5, True, True)
+        widths, scale = tuple(p["widths"]), p["D"] ** -0.5
+        # A QK case (q/k ``dqk`` wide) runs the kernels with the attn_qk gate too: fp32 [H, Dqk],
+        # its gradient asked for.
+        gates = [None] + ([torch.empty(q.shape[1], q.shape[3])] if "dqk" in p else [])
+        for gate in gates:
+            out, lse = module._forward(q, k, v, widths, scale, gate)
+            module._backward(dout, q, k, v, out, lse, widths, scale, True, True, gate, gate is not None)
 
 
 _PRUNED_ON_CPU: Dict[object, object] = {}
@@ -73,10 +78,11 @@ def compile_pruned(torch, model: str, round_to: int, ratio: float, op: str) -> N
 
 
 def jobs(production: Sequence[Dict], configs: Sequence[Dict], correctness: Sequence[Dict],
-         pruned_round_tos: Sequence[int]) -> List[Dict[str, object]]:
+         pruned_round_tos: Sequence[int], qk: Sequence[Dict] = ()) -> List[Dict[str, object]]:
     """What to compile: the pruned models' forwards and every case of every step, each with
     the configs an autotuned kernel compiles there (autotuning: those its pruning keeps;
-    the configs step: all; the correctness step: the first) and a rough cost."""
+    the configs step: all; the correctness step: the first) and a rough cost. ``qk``: the
+    attention cases of q/k narrower than the values, ungated and gated, autotuned."""
     def cost(c):  # fp32 dots compile to long FMA code; attention kernels are the big ones
         return (8 if c["dtype"] == "fp32" else 2) if c["op"] == "packed_attention" else 1
     # Attention's autotuned kernels have several configs each: one job per config index.
@@ -92,6 +98,8 @@ def jobs(production: Sequence[Dict], configs: Sequence[Dict], correctness: Seque
                     for i in attention_configs]
         else:
             out.append({"what": f"ops {c['op']} {c['label']}", "configs": "kept", "case": c, "cost": 2})
+    out += [{"what": f"qk_attention {c['label']} config {i}", "configs": i, "case": c, "cost": 3}
+            for c in qk for i in attention_configs]
     for c in configs:
         indices = attention_configs if c["op"] == "packed_attention" else ["all"]
         out += [{"what": f"configs {c['op']} {c['label']} config {i}", "configs": i, "case": c, "cost": 2}

@@ -1,8 +1,15 @@
-"""The device a benchmark runs on, the Triton interpreter of --smoke, versions and dtypes."""
+"""The device a benchmark runs on, the Triton interpreter of --smoke, versions and dtypes,
+and the carried wheels of packages the machine has too old."""
 from __future__ import annotations
 
+import glob
 import os
 import platform
+import re
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
 from typing import Dict, Optional, Sequence
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -140,3 +147,37 @@ def only_configs(choices: Dict[object, object]):
             for kernel, (configs, cache) in saved.items():
                 kernel.configs, kernel.cache = configs, cache
     return context()
+
+
+def _version_tuple(text: str):
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def carried_packages(wheels_dir: str, minimum_versions: Dict[str, str]) -> Dict[str, object]:
+    """Install the carried wheels of packages that are missing or older than
+    ``minimum_versions`` ({name: version}) into a temporary folder; returns
+    {"path": folder or None, "packages": {name: source}}."""
+
+    sources: Dict[str, str] = {}
+    needed = []
+    for name, minimum in minimum_versions.items():
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = None
+        if have is not None and _version_tuple(have) >= _version_tuple(minimum):
+            sources[name] = f"installed {have}"
+            continue
+        wheels = sorted(glob.glob(os.path.join(wheels_dir, f"{name}-*.whl")))
+        if not wheels:
+            sources[name] = f"installed {have}, older than {minimum}, and no wheel in {wheels_dir}" if have \
+                else f"missing, and no wheel in {wheels_dir}"
+            continue
+        needed.append(wheels[-1])
+        sources[name] = f"carried wheel {os.path.basename(wheels[-1])} (installed: {have})"
+    if not needed:
+        return {"path": None, "packages": sources}
+    site = tempfile.mkdtemp(prefix="vtp-gpu-check-site-")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--target", site, *needed], check=True)
+    return {"path": site, "packages": sources}

@@ -53,6 +53,13 @@ def test_smoke_run_writes_every_record(gpu_check, tmp_path):
     assert {r["op"] for r in ops} == {"gated_linear", "layer_norm_gather", "packed_attention"}
     assert {r["role"] for r in ops} == {"candidate", "alternative", "floor"}
     assert all(len(r["rounds_ms"]) == 2 and r["median_ms"] > 0 for r in ops)
+    # Dqk != value widths: the kernel with and without the gate checked, every QK variant timed
+    qk = records["qk_attention.json"]
+    assert qk["all_ok"] and qk["checks"] and all(c["ok"] for c in qk["checks"].values())
+    assert all({"triton/dqkv", "triton_gated/dgate"} <= set(c["errors"]) for c in qk["checks"].values())
+    assert {r["variant"] for r in qk["results"]} == set(gpu_check.bench_packed_attention.QK_VARIANTS)
+    assert all(len(r["rounds_ms"]) == 2 and r["median_ms"] > 0 for r in qk["results"])
+    assert all(v["MATH"] == "runs" for v in qk["sdpa_backends"].values())
     training = records["training.json"]["results"]
     assert {(r["gated"], r["backend"], r["compile"]) for r in training} >= {
         (False, "torch", False), (True, "torch", False), (True, "auto:gated_linear", False)}
