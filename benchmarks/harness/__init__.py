@@ -1,6 +1,7 @@
 """What the benchmark scripts in this folder share, one module per concern:
 
-    environment   the device, the Triton interpreter of --smoke, versions, dtypes
+    environment   the device, the Triton interpreter of --smoke, versions, dtypes, the
+                  carried wheels of packages the machine has too old
     timing        timers (do_bench, wall clock, CUDA events per step), interleaved rounds
                   and their summary, the spread the decision rule reads
     checks        errors against a reference, the bounds they are held to
