@@ -5,7 +5,8 @@ An op joins FASTER_ON_CUDA only when all of these hold:
 
 0. Correct. Every check of the op in the record passed: each correctness case (bf16, fp16,
    fp32 against the fp64 reference), each forced autotune config, the check of the tuned
-   kernel before its timing, and for the pruned-model ops the logits of the pruned models.
+   kernel before its timing, and for the pruned-model ops the logits of the pruned models
+   (for packed_attention also its checks with q/k narrower than V and with the attn_qk gate).
 1. Op level. At the production shape, in the dtype the model runs it in, the Triton
    kernel beats the strongest alternative that computes the same result (the reference
    eager, ``torch.compile`` of the reference, for attention also SDPA with V padded to the
@@ -127,6 +128,10 @@ def checks_passed(op: str, records: Dict[str, Dict]) -> Dict[str, object]:
                if name.startswith(op + " ") and not c.get("ok")]
     if PRODUCTION[op]["model_task"] == "infer":
         failed += [f"pruned {name}" for name, c in records.get("pruned", {}).get("checks", {}).items() if not c.get("ok")]
+    if op == "packed_attention":
+        # q/k narrower than V and the attn_qk gate run the same kernels: wrong there, out.
+        failed += [f"qk_attention {name}" for name, c in records.get("qk_attention", {}).get("checks", {}).items()
+                   if not c.get("ok")]
     return {"ok": not failed, "failed": failed, "cases": len(cases)}
 
 
@@ -165,7 +170,7 @@ def decide(records: Dict[str, Dict]) -> Dict[str, object]:
 # ---------------------------------------------------------------------------------------
 # Reading a record, printing the decision
 # ---------------------------------------------------------------------------------------
-STEP_RECORDS = ("configs", "correctness", "ops", "training", "pruned")
+STEP_RECORDS = ("configs", "correctness", "ops", "qk_attention", "training", "pruned")
 
 
 def load(path: str) -> Dict[str, Dict]:

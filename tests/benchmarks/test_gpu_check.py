@@ -197,6 +197,11 @@ def test_a_failed_check_keeps_an_op_out(decide):
     decision = decide.decide(record)
     assert decision["faster_on_cuda"] == [] and decision["ops"]["gated_linear"]["checks"]["failed"] == ["config k #3"]
     assert decide.decide({k: v for k, v in synthetic_record().items() if k != "correctness"})["faster_on_cuda"] == []
+    # a failed check of the attention with q/k narrower than V keeps packed_attention out too
+    record = synthetic_record()
+    record["qk_attention"] = {"checks": {"deit_b/dqk16": {"ok": False}, "deit_b/dqk32": {"ok": True}}}
+    checks = decide.decide(record)["ops"]["packed_attention"]["checks"]
+    assert not checks["ok"] and checks["failed"] == ["qk_attention deit_b/dqk16"]
 
 
 def test_decision_reads_an_archive(decide, tmp_path):
