@@ -6,6 +6,8 @@ and the pruned model is fine-tuned with the same recipe and epochs, with and wit
 distillation from the dense model, over several seeds:
 
     vtp        gates + L1 penalty (sparse training), then one global ranking of |gate|
+    vtp_qk     the same with a fifth gate site, attn_qk (each query/key dim of each head),
+               ranked with the other four: queries, keys and QK^T shrink too
     magnitude  one shot, no training: the L2 norm of each weight column the gate would
                scale (the input column of qkv, proj, fc1 or fc2), divided by its layer's
                mean so that one global ranking compares layers fairly
@@ -51,9 +53,10 @@ from vtp.app.tables import format_table  # noqa: E402
 from vtp.atomic import atomic_write, write_json  # noqa: E402
 from vtp.io import is_model_dir, read_config  # noqa: E402
 
-METHODS = ("vtp", "magnitude", "random", "scratch")
+METHODS = ("vtp", "vtp_qk", "magnitude", "random", "scratch")
 DATASETS = ("mnist", "digits")
-LABELS = {"vtp": "VTP (gates + L1)", "magnitude": "weight magnitude", "random": "random dims",
+SCRATCH_COLOR = f"C{METHODS.index('scratch')}"  # the plot's colour of each method is its place here
+LABELS = {"vtp": "VTP (gates + L1)", "vtp_qk": "VTP + attn_qk (5 sites)", "magnitude": "weight magnitude", "random": "random dims",
           "scratch": "VTP shape from scratch"}
 
 
@@ -200,19 +203,29 @@ def run_dataset(name: str, args, work: Work, bar) -> Dict[str, Any]:
     magnitude = {budget: vtp.plan(ones, flops_target=budget, img_size=size, scores=magnitude_scores(ones))
                  for budget in args.budgets} if "magnitude" in args.methods else {}
     for seed in args.seeds:
-        def make_gated():
-            model = vtp.add_gates(copy.deepcopy(dense))
-            train(model, train_data, args.sparse_epochs, adamw(model, args.lr / 4, gate_lr=args.gate_lr),
-                  lam=args.lam, batch_size=args.batch_size, seed=100 + seed, desc=f"{name} sparse",
-                  progress=False)
-            return model, {"test_acc": accuracy(model, test_data)}
+        def make_gated(sites):
+            def make():
+                model = vtp.add_gates(copy.deepcopy(dense), sites=sites)
+                train(model, train_data, args.sparse_epochs, adamw(model, args.lr / 4, gate_lr=args.gate_lr),
+                      lam=args.lam, batch_size=args.batch_size, seed=100 + seed, desc=f"{name} sparse",
+                      progress=False)
+                return model, {"test_acc": accuracy(model, test_data)}
+            return make
 
-        gated, gated_meta = work.model(f"gated_{name}_seed{seed}", make_gated)
-        info.setdefault("gated_acc", {})[str(seed)] = gated_meta["test_acc"]
+        gated = gated_qk = None
+        if {"vtp", "scratch"} & set(args.methods):
+            gated, gated_meta = work.model(f"gated_{name}_seed{seed}", make_gated(vtp.SITES))
+            info.setdefault("gated_acc", {})[str(seed)] = gated_meta["test_acc"]
+        if "vtp_qk" in args.methods:
+            # The same sparse training with the query/key gates as a fifth site.
+            gated_qk, qk_meta = work.model(f"gated_qk_{name}_seed{seed}", make_gated(vtp.SITES + ("attn_qk",)))
+            info.setdefault("gated_qk_acc", {})[str(seed)] = qk_meta["test_acc"]
         for budget in args.budgets:
             plans = {}
             if {"vtp", "scratch"} & set(args.methods):  # scratch trains VTP's shape afresh
                 plans["vtp"] = plans["scratch"] = vtp.plan(gated, flops_target=budget, img_size=size)
+            if "vtp_qk" in args.methods:
+                plans["vtp_qk"] = vtp.plan(gated_qk, flops_target=budget, img_size=size)
             if "magnitude" in args.methods:
                 plans["magnitude"] = magnitude[budget]
             if "random" in args.methods:
@@ -226,6 +239,8 @@ def run_dataset(name: str, args, work: Work, bar) -> Dict[str, Any]:
                     start = time.perf_counter()
                     if method == "vtp":
                         model = vtp.prune(gated, plans[method])
+                    elif method == "vtp_qk":
+                        model = vtp.prune(gated_qk, plans[method])
                     elif method == "scratch":
                         torch.manual_seed(1_000 + seed)
                         model = vtp.prune(vtp.add_gates(builder()), plans[method])
@@ -316,8 +331,8 @@ def plot(record: Dict[str, Any], path: str) -> None:
             text = "\n".join(f"{s['budget']:.2f}{' + KD' if s['distill'] else ''}: "
                              f"{s['acc_mean']:.1f} ± {s['acc_std']:.1f} %" for s in far)
             ax.text(0.02, 0.03, f"{LABELS['scratch']} (below the axis):\n{text}", transform=ax.transAxes,
-                    fontsize=7, va="bottom", ha="left", color="C3",
-                    bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, edgecolor="C3"))
+                    fontsize=7, va="bottom", ha="left", color=SCRATCH_COLOR,
+                    bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, edgecolor=SCRATCH_COLOR))
         ax.set_xlabel("MACs of the pruned model / dense")
         ax.set_ylabel("test top-1 % (mean ± std over seeds)")
         d = record["datasets"][name]

@@ -20,6 +20,8 @@ kept dimensions (``vtp.profile``), so padded work counts as work, not as savings
     python benchmarks/bench_pruned_cpu.py --smoke --out /tmp    # seconds: checks the script
     python benchmarks/bench_pruned_cpu.py --profile --models deit_small_patch16_224 \
         --batch-sizes 8 --round-to 8                            # where the time goes, by operator
+    python benchmarks/bench_pruned_cpu.py --profile --qk --img-size 384 --ratios --round-to 8 \
+        --batch-sizes 8 --tag qk384                             # with queries and keys pruned too
 
 ``--profile`` times the same models, then runs each under ``torch.profiler`` one forward per
 round, in turns, and records each operator's self time per forward (median over the rounds)
@@ -73,6 +75,12 @@ def parse_args(argv=None):
                    help="also record each operator's self time per forward (torch.profiler), for the dense, "
                         "uniform and FLOPs-target models, eager; writes pruned_cpu_profile.json instead")
     p.add_argument("--smoke", action="store_true", help="a tiny ViT, eager, 2 rounds: checks the script")
+    p.add_argument("--qk", action="store_true",
+                   help="also the FLOPs-target plan of the model gated at the fifth site, attn_qk "
+                        "(queries and keys pruned too), beside the four-site one")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="image size the models are built for (default: the timm config's, 224)")
+    p.add_argument("--tag", default="", help="suffix of the record's file name (e.g. qk384)")
     args = p.parse_args(argv)
     if args.profile:
         args.modes = ["eager"]
@@ -83,7 +91,9 @@ def parse_args(argv=None):
     return args
 
 
-def build(name: str, **overrides) -> torch.nn.Module:
+def build(name: str, img_size=None, **overrides) -> torch.nn.Module:
+    if img_size is not None:
+        overrides["img_size"] = img_size
     kwargs = {**SMOKE, **overrides} if name == "smoke" else overrides
     return timm.create_model("vit_tiny_patch16_224" if name == "smoke" else name, pretrained=False,
                              **kwargs).eval()
@@ -100,27 +110,33 @@ def heads_layout(plan: vtp.PruningPlan) -> vtp.PruningPlan:
     return vtp.PruningPlan(kept=kept, sizes=plan.sizes, head_dim=d, rule={**plan.rule, "layout": "heads"})
 
 
-def uniform_model(name: str, dense: torch.nn.Module, target_macs: int) -> torch.nn.Module:
+def uniform_model(name: str, dense: torch.nn.Module, target_macs: int, img_size=None) -> torch.nn.Module:
     """Same depth and heads as ``dense``, the embed_dim (a multiple of the heads' count
     times 8) whose MACs come closest to ``target_macs``."""
     heads = dense.blocks[0].attn.num_heads
     best = None
     for dim in range(heads * 8, dense.embed_dim, heads * 8):
-        candidate = build(name, embed_dim=dim)
+        candidate = build(name, img_size, embed_dim=dim)
         macs = vtp.profile(candidate).macs
         if best is None or abs(macs - target_macs) < abs(best[0] - target_macs):
             best = (macs, dim, candidate)
     return best[2]
 
 
-def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Dict[str, dict]:
-    torch.manual_seed(seed)
-    dense = build(name)
-    gated = vtp.add_gates(copy.deepcopy(dense))
+def random_gates(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Uniform [0, 1) gate values: a global threshold then cuts every site."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in vtp.gates(gated).values():
+        for gate in vtp.gates(model).values():
             gate.copy_(torch.rand(gate.shape, generator=g))
+    return model
+
+
+def variants(name: str, seed: int, ratios, flops_target: float, round_tos, qk: bool = False,
+             img_size=None) -> Dict[str, dict]:
+    torch.manual_seed(seed)
+    dense = build(name, img_size)
+    gated = random_gates(vtp.add_gates(copy.deepcopy(dense)), seed)
     out = {"dense": {"model": dense, "kind": "dense"}}
     for rt in round_tos:
         for ratio in ratios:
@@ -136,9 +152,15 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos) -> Di
                                 "flops_target": flops_target, "round_to": rt, "layout": "packed"}
         out[key + " heads"] = {"model": vtp.prune(gated, heads_layout(plan)).eval(), "kind": "pruned",
                                "flops_target": flops_target, "round_to": rt, "layout": "heads"}
+        if qk:
+            # The same dense model gated at five sites, its gates drawn from the same seed.
+            gated_qk = random_gates(vtp.add_gates(copy.deepcopy(dense), sites=vtp.SITES + ("attn_qk",)), seed)
+            plan_qk = vtp.plan(gated_qk, flops_target=flops_target, round_to=rt)
+            out[key + " qk"] = {"model": vtp.prune(gated_qk, plan_qk, layout="padded").eval(), "kind": "pruned",
+                                "flops_target": flops_target, "round_to": rt, "layout": "padded", "sites": 5}
     for v in out.values():
         count_work(v)
-    uniform = uniform_model(name, dense, out[f"flops {flops_target:g} round_to {round_tos[0]}"]["macs"])
+    uniform = uniform_model(name, dense, out[f"flops {flops_target:g} round_to {round_tos[0]}"]["macs"], img_size)
     out["uniform"] = count_work({"model": uniform, "kind": "uniform", "embed_dim": uniform.embed_dim})
     for v in out.values():
         v["mac_ratio"] = out["dense"]["macs"] / v["macs"]
@@ -272,10 +294,11 @@ def main(argv=None) -> int:
             record["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    stem = os.path.join(args.out, "pruned_cpu" + ("_profile" if args.profile else "") + ("_smoke" if args.smoke else ""))
+    stem = os.path.join(args.out, "pruned_cpu" + ("_profile" if args.profile else "") + ("_smoke" if args.smoke else "")
+                        + (f"_{args.tag}" if args.tag else ""))
     rows, op_rows = [], []
     for name in args.models:
-        vs = variants(name, args.seed, args.ratios, args.flops_target, args.round_to)
+        vs = variants(name, args.seed, args.ratios, args.flops_target, args.round_to, args.qk, args.img_size)
         img = vs["dense"]["model"].patch_embed.img_size[0]
         for mode in args.modes:
             chosen = {k: v for k, v in vs.items() if (mode == "eager" and not args.profile)
