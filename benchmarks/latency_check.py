@@ -44,7 +44,7 @@ def _parse(argv):
                                                         "script, measures nothing worth keeping")
     args = p.parse_args(argv)
     if args.smoke:
-        args.batch_size, args.threads, args.plans = 2, 1, 2
+        args.batch_size, args.threads, args.plans = 2, 1, min(args.plans, 2)
         args.repeats, args.table_repeats = min(args.repeats, 2), min(args.table_repeats, 2)
     for flag in ("batch_size", "threads", "plans", "repeats", "table_repeats"):
         if getattr(args, flag) < 1:
