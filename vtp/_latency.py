@@ -305,11 +305,11 @@ class _Timer:
 
 
 def _run_interleaved(probes: Dict[str, Callable[[], object]], timer: _Timer, repeats: int) -> Dict[str, List[float]]:
-    """ms samples of every probe: a warm-up round (which also sets how many calls make one
-    sample), then ``repeats`` rounds, each over every probe in a fresh random order."""
+    """ms samples of every probe: a warm-up round (one timed call each, which also sets how
+    many calls make one sample), then ``repeats`` rounds, each over every probe in a fresh
+    random order."""
     inner = {}
     for name, fn in probes.items():
-        fn()
         inner[name] = max(1, min(64, math.ceil(_MIN_SAMPLE_MS / max(timer(fn, 1), 1e-6))))
     samples: Dict[str, List[float]] = {name: [] for name in probes}
     order, rng = list(probes), random.Random(_SEED)
@@ -354,7 +354,7 @@ def _shape_probes(s: BlockShape, batch: int, buf: _Buffers, act: nn.Module, step
                 probes[f"{kind}_out/{n}"] = linear(k_full, n)
             for k in _coarse(k_full, 4, step)[:-1]:
                 for n in _coarse(n_full, 4, step)[:-1]:
-                    probes[f"{kind}_fix/{k},{n}"] = linear(k, n)
+                    probes[f"{kind}_2d/{k},{n}"] = linear(k, n)
 
     def attention(h: int, qk: int, v: int) -> Callable:
         qkv, scale = buf.act(B, N, h * (2 * qk + v)), D ** -0.5
@@ -404,24 +404,19 @@ def _shape_table(s: BlockShape, ms: Dict[str, float]) -> ShapeTable:
         by_part.setdefault(part, {})[widths] = t
     curves = {}
     for part, points in by_part.items():
-        if part in ("qkv_fix", "fc1_fix", "attn") or not next(iter(points)):
+        if part in ("qkv_2d", "fc1_2d", "attn") or not next(iter(points)):
             continue
         ws = sorted(points, key=int)
-        curves[part] = Curve([int(w) for w in ws], [points[w] for w in ws])
+        curves[part] = Curve([int(w) for w in ws], [points[w] for w in ws], align=1 if part == "attn_heads" else GRID_STEP)
     grids = {}
     pairs = {k: tuple(int(v) for v in k.split(",")) for k in by_part["attn"]}
     ws = sorted({p[0] for p in pairs.values()})
     grids["attn"] = Grid2(ws, ws, [[by_part["attn"][f"{a},{b}"] for b in ws] for a in ws])
     curves["attn_diag"] = Curve(ws, [by_part["attn"][f"{w},{w}"] for w in ws])
-    for kind, k_full, n_full in (("qkv", s.embed, 3 * s.embed), ("fc1", s.embed, s.hidden)):
-        t_in, t_out = curves[f"{kind}_in"], curves[f"{kind}_out"]
-        full = t_in.at(k_full)
-        ks, ns = sorted({int(p.split(",")[0]) for p in by_part[f"{kind}_fix"]}), \
-            sorted({int(p.split(",")[1]) for p in by_part[f"{kind}_fix"]})
-        # measured over the product of the two sweeps; 1 on the sweeps themselves
-        ratio = [[by_part[f"{kind}_fix"][f"{k},{n}"] / (t_in.at(k) * t_out.at(n) / full) for n in ns] + [1.0]
-                 for k in ks] + [[1.0] * (len(ns) + 1)]
-        grids[f"{kind}_fix"] = Grid2(ks + [k_full], ns + [n_full], ratio)
+    for kind in ("qkv", "fc1"):
+        points = {tuple(int(v) for v in p.split(",")): t for p, t in by_part[f"{kind}_2d"].items()}
+        ks, ns = sorted({k for k, _ in points}), sorted({n for _, n in points})
+        grids[f"{kind}_2d"] = Grid2(ks, ns, [[points[k, n] for n in ns] for k in ks])
     scalars = {"norm": by_part["norm"][""], "add": by_part["add"][""], "scale": by_part["scale"][""]}
     return ShapeTable(s, curves, grids, scalars)
 

@@ -50,9 +50,10 @@ def _describe(table: LatencyTable) -> str:
 
 def plot_latency_table(table: LatencyTable, path: Union[str, os.PathLike], shape: Optional[str] = None) -> str:
     """Draw ``table``'s measured times against width, one panel per sub-layer kind, for the
-    block shape named ``shape`` (default: the first block's): measured points, and the
-    staircase (the least time at that width or any wider one) a plan rounding its widths can
-    reach. Returns the path written."""
+    block shape named ``shape`` (default: the first block's): the measured points, the
+    staircase a plan rounding its widths to the alignment reaches (each width costs what the
+    next aligned width up costs), and, thin, what a lookup gives at every width (ragged
+    widths with the measured penalty). Returns the path written."""
     if not isinstance(table, LatencyTable):
         raise TypeError(f"table: expected a vtp.LatencyTable, got {type(table).__name__}")
     name = shape if shape is not None else table.blocks[0]
@@ -65,7 +66,10 @@ def plot_latency_table(table: LatencyTable, path: Union[str, os.PathLike], shape
         for i, (curve_name, label) in enumerate(curves):
             c = t.curves[curve_name]
             ax.plot(c.widths, c.ms, ".", ms=3, color=f"C{i}", label=f"{label}, measured")
-            ax.step(c.widths, c.floor, where="post", color=f"C{i}", lw=1, alpha=0.7, label="staircase")
+            # what a lookup gives: the next multiple of the alignment up, ragged widths penalised
+            ws = list(range(1, c.widths[-1] + 1))
+            ax.plot(ws, [c.at(w) for w in ws], color=f"C{i}", lw=0.6, alpha=0.5)
+            ax.step(c.grid, c.fitted, where="pre", color=f"C{i}", lw=1.2, label="staircase (aligned widths)")
         ax.set_title(title)
         ax.set_xlabel("width")
         ax.set_ylabel("median ms")

@@ -15,8 +15,8 @@ one), per sub-layer kind:
 
   linears   time along the input width (output at full width) and along the output width
             (input at full width), on a grid fine enough to show the hardware's steps;
-            a coarse grid of both widths together corrects the product of the two sweeps
-            (``t(k, n) ~ t_in(k) t_out(n) / t_full * fix(k, n)``, ``fix`` = 1 on the sweeps)
+            a coarse grid of both widths together bends the product of the two sweeps
+            (``t(k, n) ~ t_in(k) t_out(n) / t_full * exp(bend (1 - k/K)(1 - n/N))``)
   attention SDPA by query/key width x value width at all heads (the fused path only runs
             where the two are equal: off the diagonal is the math path), scaled by heads
   norms     LayerNorm at full width (dense) and the gathering LayerNorm by kept columns
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -133,47 +134,84 @@ class BlockWidths:
             raise ValueError(f"{where}: per-head widths must lie in [0, {shape.head_dim}], kept <= executed")
 
 
-class Curve:
-    """Time (ms) against one width, measured at ``widths`` (ascending), linear between them
-    (so monotone between any two neighbours); below the first point the first time, above
-    the last an error."""
+def _median3(values: List[float]) -> List[float]:
+    """Each value replaced by the median of it and its neighbours: one sample that a busy
+    machine slowed down does not survive."""
+    if len(values) < 3:
+        return list(values)
+    return [values[0]] + [sorted(values[i - 1: i + 2])[1] for i in range(1, len(values) - 1)] + [values[-1]]
 
-    def __init__(self, widths: Sequence[int], ms: Sequence[float]):
+
+def _non_decreasing(values: List[float]) -> List[float]:
+    """The closest non-decreasing sequence (least squares; pool adjacent violators)."""
+    blocks: List[List[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m2 * c2 + m1 * c1) / (c2 + c1), c2 + c1]
+    return [m for m, c in blocks for _ in range(int(c))]
+
+
+class Curve:
+    """Time (ms) against one width, measured at ``widths`` (ascending).
+
+    The widths that are multiples of ``align`` (and the first and last) carry the curve:
+    their times, freed of isolated spikes (median of three neighbours) and made
+    non-decreasing (more aligned columns never cost less), linear between them. A width
+    that is not a multiple of ``align`` runs as the next multiple up times the curve's
+    ragged-width penalty: the median, over the other measured widths, of their time over
+    that of the next multiple up (a GEMM pays for its ragged tail; the hardware's time
+    drops only at the multiples)."""
+
+    def __init__(self, widths: Sequence[int], ms: Sequence[float], align: int = 8):
         self.widths = [int(w) for w in widths]
         self.ms = [float(t) for t in ms]
-        if not self.widths or len(self.widths) != len(self.ms):
-            raise ValueError("curve: expected as many times as widths, at least one")
+        self.align = int(align)
+        if not self.widths or len(self.widths) != len(self.ms) or self.align < 1:
+            raise ValueError("curve: expected as many times as widths, at least one, and align >= 1")
         if any(b <= a for a, b in zip(self.widths, self.widths[1:])) or self.widths[0] < 1:
             raise ValueError("curve: widths must be positive and strictly ascending")
         if not all(math.isfinite(t) and t > 0 for t in self.ms):
             raise ValueError("curve: times must be finite and positive")
-        # the staircase: the least time of any width at or above (a narrower layer can always be
-        # padded up to a wider one), which is what a plan rounding its widths can reach
-        self.floor = list(self.ms)
-        for i in range(len(self.ms) - 2, -1, -1):
-            self.floor[i] = min(self.ms[i], self.floor[i + 1])
+        full = self.widths[-1]
+        fit = [(w, t) for w, t in zip(self.widths, self.ms) if w % self.align == 0 or w in (self.widths[0], full)]
+        self.grid = [w for w, _ in fit]
+        self.fitted = _non_decreasing(_median3([t for _, t in fit]))
+        ragged = [t / self._base(self._up(w)) for w, t in zip(self.widths, self.ms) if w not in self.grid]
+        self.penalty = statistics.median(ragged) if ragged else 1.0
+        # the staircase: the fitted time of the next carrying width at or above
+        self.floor = list(self.fitted)
+
+    def _up(self, width: float) -> int:
+        return min(self.widths[-1], -(-int(math.ceil(width)) // self.align) * self.align)
+
+    def _base(self, width: float) -> float:
+        g = self.grid
+        i = bisect.bisect_left(g, width)
+        if i < len(g) and g[i] == width or i == 0:
+            return self.fitted[min(i, len(g) - 1)]
+        a, b = g[i - 1], g[i]
+        return self.fitted[i - 1] + (self.fitted[i] - self.fitted[i - 1]) * (width - a) / (b - a)
 
     def at(self, width: float) -> float:
-        w = self.widths
-        if width > w[-1]:
-            raise ValueError(f"width: {width} is beyond the table's {w[-1]}")
-        i = bisect.bisect_left(w, width)
-        if w[i] == width or i == 0:
-            return self.ms[i]
-        a, b = w[i - 1], w[i]
-        return self.ms[i - 1] + (self.ms[i] - self.ms[i - 1]) * (width - a) / (b - a)
+        if width > self.widths[-1]:
+            raise ValueError(f"width: {width} is beyond the table's {self.widths[-1]}")
+        if width % self.align == 0 or width in self.grid:
+            return self._base(width)
+        return self._base(self._up(width)) * self.penalty
 
     def staircase(self, width: float) -> float:
-        """The least time at which ``width`` columns can run: the fastest measured width at
-        or above it; never rises as the width falls."""
-        return self.floor[bisect.bisect_left(self.widths, width)]
+        """The least time at which ``width`` columns can run: the fitted time of the next
+        carrying width at or above it; never rises as the width falls."""
+        return self.floor[min(bisect.bisect_left(self.grid, width), len(self.grid) - 1)]
 
     def to_dict(self) -> dict:
-        return {"widths": self.widths, "ms": self.ms}
+        return {"widths": self.widths, "ms": self.ms, "align": self.align}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Curve":
-        return cls(d["widths"], d["ms"])
+        return cls(d["widths"], d["ms"], d["align"])
 
 
 class Grid2:
@@ -221,7 +259,7 @@ class Grid2:
 # What a ShapeTable holds: curves by name, 2-D grids by name, single times by name.
 CURVES = ("qkv_in", "qkv_out", "proj_in", "fc1_in", "fc1_out", "fc2_in", "attn_heads", "attn_diag",
           "v_gather", "norm_gather", "act")
-GRIDS = ("qkv_fix", "fc1_fix", "attn")
+GRIDS = ("qkv_2d", "fc1_2d", "attn")
 SCALARS = ("norm", "add", "scale")
 
 
@@ -239,9 +277,19 @@ class ShapeTable:
         self.shape, self.curves, self.grids = shape, curves, grids
         self.scalars = {k: float(v) for k, v in scalars.items()}
         c = curves
-        self._qkv_full = c["qkv_in"].at(shape.embed)
-        self._fc1_full = c["fc1_in"].at(shape.embed)
+        self._full = {"qkv": (shape.embed, 3 * shape.embed, c["qkv_in"].at(shape.embed)),
+                      "fc1": (shape.embed, shape.hidden, c["fc1_in"].at(shape.embed))}
         self._heads_full = c["attn_heads"].at(shape.heads)
+        # How far the product of the two sweeps misses inside: t(k, n) measured on a coarse grid
+        # against t_in(k) t_out(n) / t_full, as exp(bend * (1 - k/K) (1 - n/N)), which is 1 on
+        # the sweeps; the median over the grid, so that one disturbed sample cannot bend it.
+        self.bend = {}
+        for kind, (K, N, full) in self._full.items():
+            g = grids[f"{kind}_2d"]
+            logs = [math.log(g.values[i][j] / (c[f"{kind}_in"].at(k) * c[f"{kind}_out"].at(n) / full))
+                    / ((1 - k / K) * (1 - n / N)) for i, k in enumerate(g.xs) for j, n in enumerate(g.ys)
+                    if k < K and n < N]
+            self.bend[kind] = statistics.median(logs) if logs else 0.0
         self._cache: Dict[BlockWidths, float] = {}
 
     def linear(self, kind: str, k: int, n: Optional[int] = None) -> float:
@@ -251,8 +299,8 @@ class ShapeTable:
         t_in = self.curves[f"{kind}_in"].at(k)
         if n is None:
             return t_in
-        full = self._qkv_full if kind == "qkv" else self._fc1_full
-        return t_in * self.curves[f"{kind}_out"].at(n) / full * self.grids[f"{kind}_fix"].at(k, n)
+        K, N, full = self._full[kind]
+        return t_in * self.curves[f"{kind}_out"].at(n) / full * math.exp(self.bend[kind] * (1 - k / K) * (1 - n / N))
 
     def attention(self, heads: int, qk: int, v: int) -> float:
         if heads <= 0 or qk <= 0 or v <= 0:

@@ -4,6 +4,7 @@ never on this machine's speed."""
 import copy
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -155,17 +156,32 @@ def test_cache_dir_from_environment_and_cache_false(counting, tmp_path, monkeypa
 # Lookups and prediction
 
 
-def test_lookups_are_monotone_between_grid_points_and_the_staircase_never_rises(measured):
+def test_lookups_are_monotone_over_aligned_widths_and_the_staircase_never_rises(measured):
     for t in measured.shapes.values():
         for name, c in t.curves.items():
-            steps = [c.staircase(w) for w in range(1, c.widths[-1] + 1)]
+            full = c.widths[-1]
+            aligned = [c.at(w) for w in range(c.align, full + 1, c.align)]
+            assert all(a <= b for a, b in zip(aligned, aligned[1:])), name
+            steps = [c.staircase(w) for w in range(1, full + 1)]
             assert all(a <= b for a, b in zip(steps, steps[1:])), name
-            for (w0, t0), (w1, t1) in zip(zip(c.widths, c.ms), zip(c.widths[1:], c.ms[1:])):
-                inner = [c.at(w0 + (w1 - w0) * f) for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
-                assert inner[0] == t0 and inner[-1] == t1
-                assert all(a <= b for a, b in zip(inner, inner[1:])) or all(a >= b for a, b in zip(inner, inner[1:]))
+            for w in range(1, full + 1):  # a ragged width runs as the next multiple up, times the penalty
+                if w % c.align and w not in c.grid:
+                    assert c.at(w) == pytest.approx(c.at(c._up(w)) * c.penalty), (name, w)
             with pytest.raises(ValueError, match="width"):
-                c.at(c.widths[-1] + 1)
+                c.at(full + 1)
+
+
+def test_curve_drops_a_lone_spike_and_learns_the_ragged_penalty():
+    widths = [1, 8, 16, 24, 31, 32, 40, 48, 63, 64]
+    ms = [1.0, 1.0, 2.0, 30.0, 6.0, 4.0, 5.0, 6.0, 12.0, 8.0]  # 24 hit by a busy machine
+    c = Curve(widths, ms)
+    assert c.grid == [1, 8, 16, 24, 32, 40, 48, 64]
+    # medians of three: 24 -> 4 (the spike is gone), 32 -> 5, 40 -> 5; then non-decreasing as it is
+    assert [c.at(w) for w in c.grid] == [1.0, 1.0, 2.0, 4.0, 5.0, 5.0, 6.0, 8.0]
+    assert c.penalty == pytest.approx(statistics.median([6.0 / 5.0, 12.0 / 8.0]))
+    assert c.at(60) == pytest.approx(8.0 * c.penalty) == c.at(57)  # time drops only at 64
+    assert c.at(56) == pytest.approx(7.0)  # aligned widths between measured ones: linear
+    assert c.staircase(57) == 8.0 and c.staircase(9) == c.at(16)
 
 
 def test_curve_and_grid_reject_bad_points():
@@ -211,8 +227,9 @@ def _synthetic(step_hidden=16):
     curves = {n: line(f) for n, f in (("qkv_in", 64), ("qkv_out", 192), ("proj_in", 64), ("fc1_in", 64),
                                      ("v_gather", 64), ("norm_gather", 64))}
     curves.update(fc1_out=stairs, fc2_in=stairs, act=stairs, attn_heads=Curve([1, 2], [1.0, 2.0]), attn_diag=Curve([8, 16, 24, 32], [1, 2, 3, 4]))
-    ones = lambda xs, ys: Grid2(xs, ys, [[1.0] * len(ys) for _ in xs])
-    grids = {"qkv_fix": ones([16, 64], [48, 192]), "fc1_fix": ones([16, 64], [32, 128]),
+    product = lambda kind, xs, ys: Grid2(xs, ys, [[curves[f"{kind}_in"].at(k) * curves[f"{kind}_out"].at(n)
+                                                   / curves[f"{kind}_in"].at(64) for n in ys] for k in xs])
+    grids = {"qkv_2d": product("qkv", [16, 32], [48, 96]), "fc1_2d": product("fc1", [16, 32], [32, 64]),
              "attn": Grid2([8, 32], [8, 32], [[1.0, 9.0], [9.0, 4.0]])}
     t = ShapeTable(shape, curves, grids, {"norm": 0.5, "add": 0.1, "scale": 0.1})
     dense = BlockWidths.dense(shape)
