@@ -341,3 +341,42 @@ def test_pictures_are_png_files(measured, tmp_path):
         assert open(path, "rb").read(4) == b"\x89PNG"
     with pytest.raises(ValueError, match="shape"):
         vtp.plot_latency_table(measured, tmp_path / "x.png", shape="nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA path, checked logically (this machine has no GPU): events and synchronisation
+
+
+def test_cuda_timer_times_with_events_after_synchronising(monkeypatch):
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = "start" if not any(e == "new" for e in log) else "end"
+            log.append("new")
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def synchronize(self):
+            log.append(f"sync {self.name}")
+
+        def elapsed_time(self, end):
+            return 8.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync all"))
+    timer = latency._Timer(torch.device("cuda"))
+    ms = timer(lambda: log.append("call"), 4)
+    assert ms == 2.0  # ms per call
+    assert log == ["sync all", "new", "new", "record start", "call", "call", "call", "call", "record end", "sync end"]
+
+
+def test_cuda_device_index_is_checked_against_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="device: 'cuda:3'.*1 CUDA device"):
+        latency._check_args(tiny_vit(), 1, "cuda:3", None, None, 1)
+    with pytest.raises(ValueError, match="dtype: float16"):
+        latency._check_args(tiny_vit(), 1, "cpu", "float16", None, 1)
