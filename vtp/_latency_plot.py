@@ -18,7 +18,8 @@ _PANELS = (
     ("proj", [("proj_in", "by input width (kept V)")]),
     ("fc1", [("fc1_in", "by input width (mlp_in)"), ("fc1_out", "by output width (hidden)")]),
     ("fc2", [("fc2_in", "by input width (hidden)")]),
-    ("attention (SDPA)", [("attn_diag", "by head width, QK = V"), ("attn_heads", "by heads, full width")]),
+    ("attention (SDPA)", [("attn_diag", "by head width, QK = V")]),
+    ("attention (SDPA)", [("attn_heads", "by heads, full head width")]),
     ("LayerNorm + gather", [("norm_gather", "by kept columns")]),
     ("activation", [("act", "by hidden width")]),
     ("gather of kept values", [("v_gather", "by kept V width")]),
@@ -61,7 +62,7 @@ def plot_latency_table(table: LatencyTable, path: Union[str, os.PathLike], shape
         raise ValueError(f"shape: expected one of {sorted(table.shapes)}, got {name!r}")
     t = table.shapes[name]
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     for ax, (title, curves) in zip(axes.flat, _PANELS):
         for i, (curve_name, label) in enumerate(curves):
             c = t.curves[curve_name]
@@ -71,7 +72,7 @@ def plot_latency_table(table: LatencyTable, path: Union[str, os.PathLike], shape
             ax.plot(ws, [c.at(w) for w in ws], color=f"C{i}", lw=0.6, alpha=0.5)
             ax.step(c.grid, c.fitted, where="pre", color=f"C{i}", lw=1.2, label="staircase (aligned widths)")
         ax.set_title(title)
-        ax.set_xlabel("width")
+        ax.set_xlabel("heads" if curves[0][0] == "attn_heads" else "width")
         ax.set_ylabel("median ms")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

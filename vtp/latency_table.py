@@ -440,7 +440,7 @@ class LatencyTable:
         curve = t.curves[{"attn_in": "qkv_in", "attn_out": "proj_in", "mlp_in": "fc1_in",
                           "mlp_hidden": "fc1_out"}[site]]
         now = t.block_ms(b)
-        for w in [w for w in curve.widths if w < current][::-1] + [0]:
+        for w in [w for w in curve.grid if w < current][::-1] + [0]:  # aligned widths only
             saved = now - t.block_ms(_with_width(b, site, w))
             if saved > 0:
                 return w, self.slope * saved
