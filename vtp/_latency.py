@@ -460,7 +460,7 @@ def _read_cache(path: Path, key: dict) -> Optional[LatencyTable]:
 
 
 def latency_table(model: nn.Module, batch_size: int = 8, *, device=None, dtype=None, threads: Optional[int] = None,
-                  img_size=None, repeats: int = 5, cache: bool = True,
+                  img_size=None, repeats: int = 3, cache: bool = True,
                   cache_dir: Optional[Union[str, os.PathLike]] = None) -> LatencyTable:
     """The latency table of ``model``'s structure on ``device`` (default: the model's), at
     ``batch_size`` images of ``img_size`` (default: the model's), in ``dtype`` ("float32",

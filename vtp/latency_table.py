@@ -177,8 +177,9 @@ class Curve:
         full = self.widths[-1]
         fit = [(w, t) for w, t in zip(self.widths, self.ms) if w % self.align == 0 or w in (self.widths[0], full)]
         self.grid = [w for w, _ in fit]
+        self._carrying = set(self.grid)
         self.fitted = _non_decreasing(_median3([t for _, t in fit]))
-        ragged = [t / self._base(self._up(w)) for w, t in zip(self.widths, self.ms) if w not in self.grid]
+        ragged = [t / self._base(self._up(w)) for w, t in zip(self.widths, self.ms) if w not in self._carrying]
         self.penalty = statistics.median(ragged) if ragged else 1.0
         # the staircase: the fitted time of the next carrying width at or above
         self.floor = list(self.fitted)
@@ -197,7 +198,7 @@ class Curve:
     def at(self, width: float) -> float:
         if width > self.widths[-1]:
             raise ValueError(f"width: {width} is beyond the table's {self.widths[-1]}")
-        if width % self.align == 0 or width in self.grid:
+        if width % self.align == 0 or width in self._carrying:
             return self._base(width)
         return self._base(self._up(width)) * self.penalty
 
