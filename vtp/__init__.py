@@ -17,7 +17,7 @@ from .pruning_plan import PruningPlan
 from ._plan import plan
 from ._profile import Profile, profile
 from ._prune import prune
-from .latency_table import BlockShape, BlockWidths, LatencyTable
+from .latency_model import BlockShape, BlockWidths, LatencyTable
 from ._latency import latency_table, model_widths
 from ._latency_plot import plot_block_latency, plot_latency_table
 

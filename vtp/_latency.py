@@ -1,7 +1,7 @@
 """``vtp.latency_table``: measure a model's latency table on the device it will run on, or
 read it from the cache; ``vtp.model_widths``: what a (dense, gated or pruned) model executes.
 
-The table (``vtp/latency_table.py``) is measured once per distinct block shape, not per
+The table (``vtp/latency_model.py``) is measured once per distinct block shape, not per
 block: every sub-layer at the widths a plan can give it, on the device, at the batch size,
 dtype (fp32, or the autocast dtype), thread count and image size given. Every probe runs
 in every round, the rounds in a fresh random order each (interleaved: a slow spell of the
@@ -43,7 +43,7 @@ from ._profile import check_img_size, default_img_size, num_tokens, size_pair
 from ._prune import prune, structure_copy
 from .pruning_plan import PruningPlan
 from .atomic import write_json
-from .latency_table import FORMAT, BlockShape, BlockWidths, Curve, Grid2, LatencyTable, ShapeTable
+from .latency_model import FORMAT, BlockShape, BlockWidths, Curve, Grid2, LatencyTable, ShapeTable
 from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, PrunedAttention
 
 __all__ = ["latency_table", "model_widths", "block_shapes", "width_grid", "cache_path", "DTYPES"]

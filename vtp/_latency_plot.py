@@ -8,7 +8,7 @@ import os
 from typing import Optional, Sequence, Union
 
 from .atomic import atomic_write
-from .latency_table import BlockWidths, LatencyTable
+from .latency_model import BlockWidths, LatencyTable
 
 __all__ = ["plot_latency_table", "plot_block_latency"]
 

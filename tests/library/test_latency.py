@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vtp
 import vtp._latency as latency
-from vtp.latency_table import BlockShape, BlockWidths, Curve, Grid2, LatencyTable, ShapeTable
+from vtp.latency_model import BlockShape, BlockWidths, Curve, Grid2, LatencyTable, ShapeTable
 from vit_variants import randomize_gates
 
 
