@@ -231,7 +231,7 @@ def _uniformly_pruned(dense: nn.Module, share: float, step: int) -> nn.Module:
     kept, sizes = {}, {}
     for name, gate in gates(gated).items():
         size = sizes[name] = gate.numel()
-        if name.endswith(".attn_out"):
+        if name.endswith((".attn_out", ".attn_qk")):  # per-head sites: every head keeps the share
             width = min(head_dim, max(step, round(head_dim * share / step) * step))
             kept[name] = [h * head_dim + i for h in range(size // head_dim) for i in range(width)]
         else:

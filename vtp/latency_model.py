@@ -35,7 +35,7 @@ __all__ = ["FORMAT", "BlockShape", "BlockWidths", "Curve", "Grid2", "ShapeTable"
            "LATENCY_SITES"]
 
 FORMAT = 1  # bump when what a table file holds changes: an older file is then re-measured
-LATENCY_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
+LATENCY_SITES = ("attn_in", "attn_qk", "attn_out", "mlp_in", "mlp_hidden")
 
 
 def _positive_int(value, what: str, low: int = 1) -> int:
@@ -429,16 +429,18 @@ class LatencyTable:
     def marginal_saving(self, widths: Sequence[BlockWidths], block: int, site: str) -> Tuple[int, float]:
         """Removing one rounding step of ``site`` in ``block``: the next narrower width at which
         the block's predicted time actually drops, and the ms it saves (calibrated);
-        ``(width, 0.0)`` when no narrower width is faster. For ``attn_out`` the width is the
-        block's total kept value width (the output projection's input), taken off the last
-        heads first (a head left with none goes)."""
+        ``(width, 0.0)`` when no narrower width is faster. For ``attn_qk`` the width is the
+        block's query/key width per head (one for all its heads, as attention runs them); for
+        ``attn_out`` the block's total kept value width (the output projection's input),
+        taken off the last heads first (a head left with none goes)."""
         if site not in LATENCY_SITES:
             raise ValueError(f"site: expected one of {', '.join(LATENCY_SITES)}, got {site!r}")
         if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(self._tables):
             raise ValueError(f"block: expected an index in [0, {len(self._tables)}), got {block!r}")
         t, b = self._tables[block], widths[block]
-        current = {"attn_in": b.attn_in, "attn_out": b.proj_in, "mlp_in": b.mlp_in, "mlp_hidden": b.mlp_hidden}[site]
-        curve = t.curves[{"attn_in": "qkv_in", "attn_out": "proj_in", "mlp_in": "fc1_in",
+        current = {"attn_in": b.attn_in, "attn_qk": max(b.qk_widths, default=0), "attn_out": b.proj_in,
+                   "mlp_in": b.mlp_in, "mlp_hidden": b.mlp_hidden}[site]
+        curve = t.curves[{"attn_in": "qkv_in", "attn_qk": "attn_diag", "attn_out": "proj_in", "mlp_in": "fc1_in",
                           "mlp_hidden": "fc1_out"}[site]]
         now = t.block_ms(b)
         for w in [w for w in curve.grid if w < current][::-1] + [0]:  # aligned widths only
@@ -473,6 +475,8 @@ def _with_width(b: BlockWidths, site: str, width: int) -> BlockWidths:
         return replace(b, mlp_in=width)
     if site == "mlp_hidden":
         return replace(b, mlp_hidden=width)
+    if site == "attn_qk":  # no query/key width left: the attention branch is a constant
+        return replace(b, qk_widths=(width,) * b.heads) if width else BlockWidths(0, (), (), (), b.mlp_in, b.mlp_hidden)
     kept, drop = list(b.v_kept), b.proj_in - width  # attn_out: off the last heads first
     for h in range(len(kept) - 1, -1, -1):
         take = min(kept[h], drop)

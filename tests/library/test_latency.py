@@ -248,6 +248,12 @@ def test_marginal_saving_steps_to_where_time_drops():
     assert table.predict(widths) - table.predict(after) == pytest.approx(saved)
     w, saved = table.marginal_saving(widths, 0, "attn_out")
     assert w < 64 and saved > 0
+    # queries and keys narrower than the values: attention leaves the fused diagonal for the
+    # math path (9 ms against 4 in this table), which costs more than the narrower qkv saves
+    w, saved = table.marginal_saving(widths, 0, "attn_qk")
+    assert (w, saved) == (0, pytest.approx(table.slope * (table.shapes[table.blocks[0]].block_ms(widths[0])
+                                                            - table.shapes[table.blocks[0]].block_ms(
+                                                                BlockWidths(0, (), (), (), 64, 128)))))
     with pytest.raises(ValueError, match="site"):
         table.marginal_saving(widths, 0, "attn_qkv")
     with pytest.raises(ValueError, match="block"):
