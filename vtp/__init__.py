@@ -17,6 +17,9 @@ from .pruning_plan import PruningPlan
 from ._plan import check_plan_args, plan
 from ._profile import Profile, profile
 from ._prune import prune
+from .latency_model import BlockShape, BlockWidths, LatencyTable
+from ._latency import latency_table, model_widths
+from ._latency_plot import plot_block_latency, plot_latency_table
 
 __version__ = "0.1.0"
 
@@ -24,4 +27,6 @@ __all__ = [
     "SITES", "add_gates", "gates", "l1_penalty", "param_groups", "gate_values", "gate_stats",
     "GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "PrunedAttention", "ConstantBranch",
     "PruningPlan", "plan", "check_plan_args", "prune", "save", "load", "read_config", "export", "Profile", "profile",
+    "latency_table", "model_widths", "LatencyTable", "BlockWidths", "BlockShape", "plot_latency_table",
+    "plot_block_latency",
 ]
