@@ -24,11 +24,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from harness import RESULTS, arguments, environment, records  # noqa: E402
 
 
 def _parse(argv):
-    p = common.parser(__doc__)
+    p = arguments.parser(__doc__)
     p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (random weights)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -39,7 +39,7 @@ def _parse(argv):
     p.add_argument("--table-repeats", type=int, default=5, help="interleaved rounds of the table's probes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="latency table cache (default: $VTP_CACHE or ~/.cache/vtp)")
-    p.add_argument("--out", default=common.RESULTS, help="folder for the JSON record and the pictures")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON record and the pictures")
     p.add_argument("--smoke", action="store_true", help="a tiny ViT at batch 2, one thread, 2 plans: checks the "
                                                         "script, measures nothing worth keeping")
     args = p.parse_args(argv)
@@ -85,7 +85,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     dense = _model(args).eval()
-    device = common.device_name(torch, torch.device("cpu"), cores=True)
+    device = environment.device_name(torch, torch.device("cpu"), cores=True)
     t0 = time.perf_counter()
     table = vtp.latency_table(dense, args.batch_size, threads=args.threads, repeats=args.table_repeats,
                               cache_dir=args.cache_dir)
@@ -119,8 +119,8 @@ def main(argv=None):
               f"{measured_ratio:.3f} measured ({plans[-1]['ratio_error']:+.1%})")
         if i == 0:
             first_widths = widths
-    stem = common.output_stem(args.out, "latency_check", args.smoke, device)
-    record = common.record_head("latency_check", __file__, argv, smoke=args.smoke, device=device,
+    stem = records.output_stem(args.out, "latency_check", args.smoke, device)
+    record = records.record_head("latency_check", __file__, argv, smoke=args.smoke, device=device,
                                 packages=("python", "torch", "timm"))
     record.update({
         "model": "tiny ViT (smoke)" if args.smoke else args.model, "batch_size": args.batch_size,
@@ -134,7 +134,7 @@ def main(argv=None):
                     "mean_abs_error": statistics.mean(abs(p["error"]) for p in plans),
                     "mean_abs_ratio_error": statistics.mean(abs(p["ratio_error"]) for p in plans)},
     })
-    common.write_json(stem + ".json", record)
+    records.write_json(stem + ".json", record)
     vtp.plot_latency_table(table, stem + "_table.png")
     vtp.plot_block_latency(table, first_widths, stem + "_blocks.png", label="plan 0")
     s = record["summary"]
