@@ -46,7 +46,7 @@ from .atomic import write_json
 from .latency_model import FORMAT, BlockShape, BlockWidths, Curve, Grid2, LatencyTable, ShapeTable
 from .modules import ConstantBranch, GatedLinear, KeptLayerNorm, PrunedAttention
 
-__all__ = ["latency_table", "model_widths", "block_shapes", "width_grid", "cache_path", "DTYPES"]
+__all__ = ["latency_table", "model_widths", "check_device", "block_shapes", "width_grid", "cache_path", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -81,11 +81,22 @@ def _check_args(model: nn.Module, batch_size, device, dtype, threads, repeats) -
     if device is None:
         ref = next(iter(model.parameters()), None)
         dev = ref.device if ref is not None and ref.device.type != "meta" else torch.device("cpu")
+        if dev.type == "cuda":
+            dev = check_device(dev)
     else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:<index>', got {device!r} ({e})") from None
+        dev = check_device(device)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise ValueError("dtype: float16 autocast is a CUDA dtype; on the CPU use float32 or bfloat16")
+    return dev, dt, threads if threads is not None else torch.get_num_threads()
+
+
+def check_device(device) -> torch.device:
+    """``device`` as the torch device a table is measured on ('cpu' or an existing CUDA
+    device, with its index); a ``ValueError`` naming ``device`` otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:<index>', got {device!r} ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} asked for, but this machine has no CUDA device")
@@ -96,9 +107,7 @@ def _check_args(model: nn.Module, batch_size, device, dtype, threads, repeats) -
         dev = torch.device("cuda", index)
     elif dev.type != "cpu":
         raise ValueError(f"device: latency tables are measured on 'cpu' or 'cuda', got {str(dev)!r}")
-    if dev.type == "cpu" and dt == torch.float16:
-        raise ValueError("dtype: float16 autocast is a CUDA dtype; on the CPU use float32 or bfloat16")
-    return dev, dt, threads if threads is not None else torch.get_num_threads()
+    return dev
 
 
 def device_name(device: torch.device) -> str:

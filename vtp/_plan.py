@@ -20,6 +20,8 @@ from ._gates import check_supported, require_gates
 from .pruning_plan import PruningPlan
 from ._profile import profile
 from ._prune import prune, structure_copy
+from ._latency import check_device
+from ._latency_plan import fit_latency
 
 __all__ = ["plan", "check_plan_args", "plan_macs", "DEFAULT_ROUND_TO"]
 
@@ -60,12 +62,29 @@ def _adjust(count: int, size: int, round_to: int, min_keep: int) -> int:
 
 def check_plan_args(ratio: Optional[float] = None, *, scope: str = "global",
                     flops_target: Optional[float] = None, round_to: int = DEFAULT_ROUND_TO,
-                    min_keep: int = 0) -> None:
+                    min_keep: int = 0, latency_target: Optional[float] = None, batch_size: int = 8,
+                    device=None) -> None:
     """The rule of ``plan``'s arguments, checked without a model: a ``ValueError`` whose
     message starts with the name of the argument at fault. ``plan`` calls it first; a
-    command calls it before any work, so that a long job never fails at its pruning step."""
-    if (ratio is None) == (flops_target is None):
-        raise ValueError("plan: give exactly one of ratio= or flops_target=")
+    command calls it before any work, so that a long job never fails at its pruning step
+    (and a latency table is never measured for a plan that cannot be made)."""
+    targets = [n for n, v in (("ratio", ratio), ("flops_target", flops_target), ("latency_target", latency_target))
+               if v is not None]
+    if len(targets) != 1:
+        raise ValueError("plan: give exactly one of ratio=, flops_target= or latency_target="
+                         + (f", got {' and '.join(targets)}" if targets else ""))
+    if latency_target is not None:
+        if isinstance(latency_target, bool) or not (isinstance(latency_target, (int, float))
+                                                    and 0.0 < latency_target <= 1.0):
+            raise ValueError(f"latency_target: expected a share of the dense model's predicted latency in "
+                             f"(0, 1], got {latency_target!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1 (the batch the latency is planned for), "
+                             f"got {batch_size!r}")
+        if scope != "global":
+            raise ValueError("scope: latency_target ranks dims globally; use scope='global'")
+        if device is not None:
+            check_device(device)
     if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
         raise ValueError(f"ratio: expected a share of dims to remove in [0, 1), got {ratio!r}")
     if flops_target is not None and not (isinstance(flops_target, (int, float)) and 0.0 < flops_target <= 1.0):
@@ -82,7 +101,9 @@ def check_plan_args(ratio: Optional[float] = None, *, scope: str = "global",
 
 def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "global",
          flops_target: Optional[float] = None, round_to: int = DEFAULT_ROUND_TO, min_keep: int = 0,
-         img_size=None, scores: Optional[Dict[str, torch.Tensor]] = None) -> PruningPlan:
+         img_size=None, scores: Optional[Dict[str, torch.Tensor]] = None,
+         latency_target: Optional[float] = None, batch_size: int = 8, device=None, dtype=None,
+         threads: Optional[int] = None, table=None) -> PruningPlan:
     """Decide which gated dimensions to keep, from the gate magnitudes ``|a|``.
 
     Exactly one of:
@@ -91,6 +112,14 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
                     ``scope="layer"`` the same share is removed from every gate.
       flops_target  share of the dense model's MACs to keep, in (0, 1]: the best-scoring
                     dims (global order) are kept until the pruned model fits the budget.
+      latency_target  share of the dense model's latency to keep, in (0, 1], as the latency
+                    table of the device predicts it (``vtp.latency_table``: measured on the
+                    model's device, or ``device=``, at ``batch_size`` images of ``img_size``, in
+                    ``dtype`` with ``threads`` CPU threads; or the ``table=`` given). Dims go in
+                    the order of their score per ms saved, each width on the table's grid
+                    where time drops (``round_to`` is not used); ``plan.rule["latency"]``
+                    records the predicted ms, its share of the dense model's, and the table.
+                    A model family the table does not cover is a ``TypeError``.
     Then per gate: at least ``min_keep`` dims are kept (default 0: a gate may vanish, which
     removes a head or turns a branch into a constant), and a non-zero kept count is rounded
     up to a multiple of ``round_to`` (default 8: widths GEMMs run fast with; 1: the paper's exact
@@ -104,7 +133,7 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     found = require_gates(model)
     check_supported(model)
     check_plan_args(ratio, scope=scope, flops_target=flops_target, round_to=round_to,
-                    min_keep=min_keep)
+                    min_keep=min_keep, latency_target=latency_target, batch_size=batch_size, device=device)
 
     if any(g.is_meta for g in found.values()):
         raise ValueError("plan: the gates are on the meta device; a plan needs their values")
@@ -141,6 +170,10 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
             counts, threshold = _global_counts(scores, names, math.floor(ratio * sum(sizes.values())))
             rule["threshold"] = threshold
             kept = finish(counts)
+    elif latency_target is not None:
+        del rule["round_to"]  # widths come from the latency table's grid
+        kept = fit_latency(model, scores, head_dim, latency_target, rule, batch_size=batch_size, device=device,
+                           dtype=dtype, threads=threads, img_size=img_size, table=table)
     else:
         rule["flops_target"] = float(flops_target)
         kept = _fit_flops(model, scores, names, sizes, head_dim, flops_target, finish, rule, img_size)
