@@ -165,7 +165,11 @@ def check_prune(p: PruneSettings) -> None:
     check_plan_file(p.plan)
 
 
-_PLAN_ARGS = ("flops_target", "round_to", "min_keep", "ratio", "scope")
+_PLAN_ARGS = ("flops_target", "latency_target", "batch_size", "round_to", "min_keep", "ratio", "scope")
+
+
+def _plan_flag(key: str) -> str:
+    return "--latency-batch-size" if key == "batch_size" else _flag(key)
 
 
 def check_plan_flags(plan_args: Dict[str, Any]) -> None:
@@ -176,12 +180,16 @@ def check_plan_flags(plan_args: Dict[str, Any]) -> None:
         vtp.check_plan_args(**plan_args)
     except ValueError as e:
         name, _, rest = str(e).partition(": ")
+        if name == "plan" and "exactly one of" in rest:  # two targets: name both flags
+            given = [k for k in ("ratio", "flops_target", "latency_target") if plan_args.get(k) is not None]
+            raise VTPError(f"{' and '.join(_plan_flag(k) for k in given)}: give one of --ratio, "
+                           "--flops-target or --latency-target") from None
         if name not in _PLAN_ARGS:
             raise VTPError(str(e)) from None
         rest = re.sub(r"\b(%s)\b(?:='?([\w.]+)'?)?" % "|".join(_PLAN_ARGS),
-                      lambda m: _flag(m.group(1)) + (f" {m.group(2)}" if m.group(2) else ""), rest)
+                      lambda m: _plan_flag(m.group(1)) + (f" {m.group(2)}" if m.group(2) else ""), rest)
         # a range error ends in 'got <value>'; another names the value after the flag
-        flag = _flag(name) if " got " in rest else f"{_flag(name)} {plan_args[name]}"
+        flag = _plan_flag(name) if " got " in rest else f"{_plan_flag(name)} {plan_args[name]}"
         raise VTPError(f"{flag}: {rest}") from None
 
 

@@ -290,14 +290,25 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Dict[str, Any], pr
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pruning")
-    group.add_argument("--ratio", type=_ratio, default=0.4,
-                       help="share of all gated dimensions to remove (paper: 0.2 and 0.4); "
-                            "ignored with --flops-target")
+    group.add_argument("--ratio", type=_ratio, default=None,
+                       help="share of all gated dimensions to remove (paper: 0.2 and 0.4; "
+                            "default 0.4 when neither target is given); ignored with --flops-target, "
+                            "an error with --latency-target")
     group.add_argument("--scope", default="global", choices=("global", "layer"),
                        help="one threshold over all gates (paper) or the ratio in every gate")
     group.add_argument("--flops-target", type=_share, default=None,
                        help="prune until the model's MACs are this fraction of the dense "
                             "model's (e.g. 0.6) instead of using --ratio (global scope only)")
+    group.add_argument("--latency-target", type=_share, default=None,
+                       help="prune until the model's latency, predicted from a latency table measured "
+                            "on this command's device (--device; in the --amp dtype; at the current "
+                            "thread count; cached under $VTP_CACHE), is this fraction of the dense "
+                            "model's (e.g. 0.5: twice as fast); dims go by gate score per ms saved and "
+                            "widths land where the table says time drops (--round-to is not used); "
+                            "not with --ratio or --flops-target")
+    group.add_argument("--latency-batch-size", type=positive_int, default=8,
+                       help="the batch size the latency table is measured and the plan predicted at "
+                            "(with --latency-target); vtp eval times the pruned model at it")
     group.add_argument("--round-to", type=positive_int, default=DEFAULT_ROUND_TO,
                        help="round kept counts up to a multiple of this: widths the GEMMs run "
                             "fast with (see the README's CPU figures); 1 keeps the paper's exact counts")

@@ -119,11 +119,16 @@ class ModelStart:
                                    pretrained_path=None, reset_head=False)
 
 
+DEFAULT_RATIO = 0.4
+
+
 @dataclass(frozen=True)
 class PruneSettings:
-    ratio: float = 0.4
+    ratio: Optional[float] = None          # None: DEFAULT_RATIO unless a target is given
     scope: str = "global"
     flops_target: Optional[float] = None
+    latency_target: Optional[float] = None
+    latency_batch_size: int = 8
     round_to: int = DEFAULT_ROUND_TO
     min_keep: int = 0
     fold: bool = True
@@ -134,10 +139,24 @@ class PruneSettings:
     def from_args(cls, args: argparse.Namespace) -> "PruneSettings":
         return cls(**_fields_from(cls, args), fold=not getattr(args, "no_fold", False))
 
+    @property
+    def effective_ratio(self) -> Optional[float]:
+        """The ratio vtp.plan gets: --ratio (DEFAULT_RATIO when not given) unless a target is."""
+        if self.latency_target is not None:
+            return self.ratio
+        if self.flops_target is not None:
+            return None
+        return DEFAULT_RATIO if self.ratio is None else self.ratio
+
     def plan_args(self) -> Dict[str, Any]:
-        """vtp.plan's arguments: --ratio is ignored once --flops-target is given."""
-        return dict(ratio=None if self.flops_target is not None else self.ratio, scope=self.scope,
-                    flops_target=self.flops_target, round_to=self.round_to, min_keep=self.min_keep)
+        """vtp.plan's arguments: --ratio is ignored once --flops-target is given; given with
+        --latency-target it goes along, for vtp.check_plan_args to refuse the pair. The latency
+        arguments only with --latency-target (the table's device and dtype are the command's)."""
+        args = dict(ratio=self.effective_ratio, scope=self.scope, flops_target=self.flops_target,
+                    round_to=self.round_to, min_keep=self.min_keep)
+        if self.latency_target is not None:
+            args.update(latency_target=self.latency_target, batch_size=self.latency_batch_size)
+        return args
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import statistics
 import tempfile
 from typing import Any, Dict, NamedTuple, Optional
 
@@ -300,14 +301,17 @@ def stage_prune(s: StageSettings, ctx: Context, source: str, out_dir: str) -> Di
         if p.plan:
             plan = vtp.PruningPlan.load(p.plan)
         else:
-            plan = vtp.plan(model, **p.plan_args(), img_size=img_size)
+            latency = {} if p.latency_target is None else dict(  # the table: measured where this command runs
+                device=ctx.info.device, dtype=s.system.amp_dtype if s.system.amp else None)
+            plan = vtp.plan(model, **p.plan_args(), img_size=img_size, **latency)
         pruned = vtp.prune(model, plan, fold=p.fold, layout=p.layout)
     except (TypeError, ValueError) as e:
         raise VTPError(f"cannot prune {source}: {e}") from None
     before, after = vtp.profile(model, img_size), vtp.profile(pruned, img_size)
     summary = {
-        "source": os.path.abspath(source), "ratio": p.ratio, "scope": p.scope,
-        "flops_target": p.flops_target, "round_to": p.round_to, "fold": p.fold,
+        "source": os.path.abspath(source), "ratio": p.effective_ratio, "scope": p.scope,
+        "flops_target": p.flops_target, "latency_target": p.latency_target,
+        "latency": plan.rule.get("latency"), "round_to": p.round_to, "fold": p.fold,
         "layout": p.layout,
         "pruned_ratio": plan.pruned_ratio, "kept": plan.num_kept, "total": plan.total,
         "params_before": before.params, "params_after": after.params,
@@ -321,6 +325,10 @@ def stage_prune(s: StageSettings, ctx: Context, source: str, out_dir: str) -> Di
     _publish(ctx, out_dir, pruned.to("cpu"), {**metadata, "stage": "prune", "prune": summary},
              summary)
     ctx.say(plan.summary())
+    if summary["latency"]:
+        lat = summary["latency"]
+        ctx.say(f"prune: predicted latency {lat['predicted_ms']:.2f} ms at batch {lat['batch_size']} "
+                f"({lat['predicted_share']:.3f} of the dense model's {lat['dense_ms']:.2f} ms) on {lat['device']}")
     ctx.say(f"prune: {_human(before.params)}-> {_human(after.params)}params, "
             f"{_human(before.macs)}-> {_human(after.macs)}MACs; wrote {out_dir}")
     return summary
@@ -425,6 +433,25 @@ def stage_export(s: StageSettings, output: str, export_format: str, batch_size: 
     return check.to_dict()
 
 
+def _measured_latency(s: StageSettings, ctx: Context, runner, planned: Dict[str, Any], img_size,
+                      in_chans: int) -> Dict[str, Any]:
+    """The pruned model's latency at the batch size its latency plan was made for: the median
+    of repeated timed batches (evaluate.measure_throughput, after warm-up), beside the
+    plan's prediction. Measured on this command's device, which may differ from the table's
+    (both are recorded)."""
+    batch = int(planned["batch_size"])
+    repeats = max(5, s.eval.bench_steps)
+    timed = measure_throughput({"pruned": runner}, img_size, batch, repeats, ctx.info.device,
+                               in_chans=in_chans, amp=s.system.amp, amp_dtype=s.system.amp_dtype)
+    seconds = timed["pruned"]["seconds"]
+    measured = 1e3 * statistics.median(seconds)
+    return {"batch_size": batch, "measured_ms": measured, "predicted_ms": planned["predicted_ms"],
+            "measured_over_predicted": measured / planned["predicted_ms"], "repeats": len(seconds),
+            "samples_ms": [1e3 * t for t in seconds], "device": str(ctx.info.device),
+            "table_device": planned.get("device"), "dtype": planned.get("dtype"),
+            "predicted_share": planned.get("predicted_share")}
+
+
 def stage_eval(s: StageSettings, ctx: Context, model, metadata: Dict[str, Any], out_dir: str,
                name: str, timed_with: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Accuracy on the validation split, size, MACs and measured images/s; eval.json.
@@ -450,12 +477,21 @@ def stage_eval(s: StageSettings, ctx: Context, model, metadata: Dict[str, Any], 
                                       pin_memory=ctx.info.device.type == "cuda")
             result.update(evaluate(runner, loader, ctx.info, s.system.amp, s.system.amp_dtype))
         result.update(_profile_and_time(s, ctx, model, runner, name, norm, timed_with))
+        planned = (metadata.get("prune") or {}).get("latency")
+        if planned and ctx.info.is_main and s.eval.bench_steps > 0:
+            result["latency"] = _measured_latency(s, ctx, runner, planned, tuple(norm["img_size"]),
+                                                  input_channels(model))
     if ctx.info.is_main:
         write_json(os.path.join(out_dir, "eval.json"), jsonable(result))
         acc = f"top-1 {result['val_acc1']:.2f} %, " if "val_acc1" in result else ""
         ips = f", {result['images_per_s']:.1f} images/s" if "images_per_s" in result else ""
         via = " through ONNX Runtime" if runtime == "onnxruntime" else ""
         ctx.say(f"eval {name}{via}: {acc}{_human(result['params'])}params, {_human(result['macs'])}MACs{ips}")
+        if "latency" in result:
+            lat = result["latency"]
+            ctx.say(f"eval {name}: latency at batch {lat['batch_size']}: measured {lat['measured_ms']:.2f} ms "
+                    f"(median of {lat['repeats']}), predicted {lat['predicted_ms']:.2f} ms by the plan's table "
+                    f"({lat['measured_over_predicted']:.3f} of it)")
     distributed.barrier(ctx.info)
     model.to("cpu")
     for other in (timed_with or {}).values():
