@@ -77,6 +77,7 @@ import bench_layer_norm_gather  # noqa: E402
 import bench_model  # noqa: E402
 import bench_packed_attention  # noqa: E402
 import decide  # noqa: E402
+import latency_check  # noqa: E402
 import precompile  # noqa: E402
 
 BUDGET_S = 420.0
@@ -84,9 +85,11 @@ MIN_VERSIONS = {"timm": "1.0.23"}
 MODEL = "deit_base_patch16_224"
 OPS = (bench_gated_linear, bench_layer_norm_gather, bench_packed_attention)
 PRUNED_RATIO, PRUNED_ROUND_TOS = 0.4, (1, 8)
+LATENCY_TARGET, LATENCY_BATCH = 0.5, 256
 # (name, limit in seconds), in the order they run, filled by @step below. The limits add up
 # to 410 s, inside the budget; qk_attention's 25 s came from environment, configs and
-# correctness (5 s each) and pruned (10 s).
+# correctness (5 s each) and pruned (10 s); latency_target's 30 s from training (135 -> 105 s,
+# its largest limit; not yet measured on a GPU: the first run's step times should settle it).
 STEPS: List = []
 STEP_FUNCTIONS: Dict[str, Callable] = {}
 
@@ -486,7 +489,7 @@ TRAINING_CASES = [{"gated": g, "backend": b, "compile": c} for g, b, c in (
     (False, "torch", True), (True, "auto:gated_linear", True), (True, "torch", True))]
 
 
-@step("training", 135)
+@step("training", 105)
 def step_training(step: Step) -> None:
     """A training step of the model (bench_gated_training.measure) in each training case."""
     torch, rec, d = step.torch, step.record, step.device
@@ -579,6 +582,17 @@ def step_pruned(step: Step) -> None:
     rec["autotune_keys"] = {f"{op}.{name}": len(k.cache) for op in ("layer_norm_gather", "packed_attention")
                             for name, k in environment.autotuners(importlib.import_module(f"vtp_kernels._{op}")).items()}
 
+
+@step("latency_target", 30)
+def step_latency_target(step: Step) -> None:
+    """DeiT-B's latency table at batch 256 in bf16 on this GPU, a plan to LATENCY_TARGET, the
+    pruned model timed against the dense one (latency_check.target_check). --smoke: the tiny
+    ViT at batch 2 in fp32 on the CPU."""
+    torch = step.torch
+    latency_check.target_check(
+        torch, step.device, model=bench_model.SMOKE_MODEL if step.smoke else MODEL, smoke=step.smoke,
+        batch=2 if step.smoke else LATENCY_BATCH, amp=torch.float32 if step.smoke else torch.bfloat16,
+        target=LATENCY_TARGET, compile_backend=step.compile_backend, record=step.record, save=step.save)
 
 if __name__ == "__main__":
     main()

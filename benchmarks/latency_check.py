@@ -25,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import RESULTS, arguments, environment, records  # noqa: E402
+import bench_model  # noqa: E402
 
 
 def _parse(argv):
@@ -142,6 +143,42 @@ def main(argv=None):
           f"|ratio error| max {s['max_abs_ratio_error']:.1%} mean {s['mean_abs_ratio_error']:.1%}")
     print(f"wrote {stem}.json, {stem}_table.png, {stem}_blocks.png")
     return record
+
+
+def target_check(torch, device, *, model: str, smoke: bool, batch: int, amp, target: float, compile_backend: str,
+                 record: dict, save) -> None:
+    """gpu_check's latency_target step: ``model``'s latency table measured on ``device``
+    (CUDA events on a GPU; two interleaved rounds, one in --smoke) at ``batch`` in ``amp``, a
+    plan to ``target`` of the dense model's predicted latency, and the pruned model timed
+    against the dense one (bench_model.measure): measured share against predicted, in
+    ``record`` (``save()`` after each part)."""
+    import tempfile
+
+    import vtp
+
+    dense, gated = bench_model.dense_and_gated(torch, model, device, 0)
+    amp_dtype = None if amp == torch.float32 else amp
+    record.update(model="tiny_vit" if smoke else model, batch=batch, amp=str(amp), target=target)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.monotonic()
+        table = vtp.latency_table(gated, batch, device=device, dtype=amp_dtype, repeats=1 if smoke else 2,
+                                  cache_dir=cache)
+        record.update(table_s=time.monotonic() - start, table_key=table.key, table_measured=table.measured)
+        save()
+        start = time.monotonic()
+        plan = vtp.plan(gated, latency_target=target, batch_size=batch, table=table)
+        record.update(plan_s=time.monotonic() - start, plan=plan.rule)
+    small = vtp.prune(gated, plan).to(device).eval()
+    timed = dict(batch=batch, amp_dtype=amp_dtype, compiled=False, compile_backend=compile_backend,
+                 warmup=0 if smoke else 3, iters=1 if smoke else 10, rounds=2)
+    results = {name: bench_model.measure(torch, m, "infer", device, **timed) for name, m in (("dense", dense),
+                                                                                             ("pruned", small))}
+    lat = plan.rule["latency"]
+    record.update(results=[{"model": name, **r} for name, r in results.items()],
+                  measured_share=results["pruned"]["median_ms"] / results["dense"]["median_ms"],
+                  predicted_share=lat["predicted_share"],
+                  pruned_measured_over_predicted=results["pruned"]["median_ms"] / lat["predicted_ms"])
+    save()
 
 
 if __name__ == "__main__":

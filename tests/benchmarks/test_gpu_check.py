@@ -70,6 +70,13 @@ def test_smoke_run_writes_every_record(gpu_check, tmp_path):
         (rt, b) for rt in (1, 8) for b in ("torch", "triton", "auto:layer_norm_gather", "auto:packed_attention")}
     # Interpreter timings beat nothing: the rule keeps every op out.
     assert records["decision.json"]["faster_on_cuda"] == []
+    # a latency table measured, a plan to the target it predicts, both models timed
+    latency = records["latency_target.json"]
+    assert latency["table_key"]["batch_size"] == 2 and latency["table_key"]["device_type"] == "cpu"
+    assert latency["predicted_share"] <= gpu_check.LATENCY_TARGET + 1e-9
+    assert latency["plan"]["latency_target"] == gpu_check.LATENCY_TARGET
+    assert {r["model"] for r in latency["results"]} == {"dense", "pruned"}
+    assert all(r["median_ms"] > 0 for r in latency["results"]) and latency["measured_share"] > 0
 
 
 def test_step_limits_fit_the_budget(gpu_check):
