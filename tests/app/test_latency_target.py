@@ -25,20 +25,22 @@ def sparse_dir(tmp_path_factory):
 
 def test_prune_to_a_latency_target_then_eval_measures_it(sparse_dir, data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VTP_CACHE", str(tmp_path / "cache"))
+    # The table measured first, as the command will ask for it (this CPU, batch 2, fp32, the
+    # current threads): the command reads it from the cache, and the target is one this
+    # measurement can meet (a busy machine can put even constant branches above 0.8).
+    table = vtp.latency_table(vtp.load(sparse_dir / "model"), 2)
+    target = round(min(1.0, max(0.8, table.predict([vtp.BlockWidths(0, (), (), (), 0, 0)] * len(table.blocks))
+                                / table.dense_ms + 0.05)), 3)
     capsys.readouterr()
-    assert cli.main(["prune", str(sparse_dir), "--latency-target", "0.8", "--latency-batch-size", "2",
+    assert cli.main(["prune", str(sparse_dir), "--latency-target", str(target), "--latency-batch-size", "2",
                      "--output", str(tmp_path / "p")]) == 0
     said = capsys.readouterr().out
     assert "predicted latency" in said and "at batch 2" in said
     plan = vtp.PruningPlan.load(str(tmp_path / "p" / "plan.json"))
     lat = plan.rule["latency"]
-    assert plan.rule["latency_target"] == 0.8 and lat["batch_size"] == 2 and lat["device_type"] == "cpu"
-    assert lat["predicted_ms"] <= 0.8 * lat["dense_ms"] * (1 + 1e-9)
-    assert lat["table_file"] and (tmp_path / "cache").is_dir()  # the table measured here, cached
-    summary = json.loads((tmp_path / "p" / "summary.json").read_text()) if (tmp_path / "p" / "summary.json").exists() \
-        else None
-    if summary is not None:
-        assert summary.get("latency_target", summary.get("prune", {}).get("latency_target")) in (0.8, None)
+    assert plan.rule["latency_target"] == target and lat["batch_size"] == 2 and lat["device_type"] == "cpu"
+    assert lat["predicted_ms"] <= target * lat["dense_ms"] * (1 + 1e-9)
+    assert lat["table_key"] == table.key and lat["table_file"]  # the cached table, not a second measurement
     pruned = vtp.load(tmp_path / "p" / "model")
     table = vtp.LatencyTable.from_dict(json.loads(open(lat["table_file"]).read()))
     assert table.predict(vtp.model_widths(pruned)) == pytest.approx(lat["predicted_ms"])
