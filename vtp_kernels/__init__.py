@@ -50,17 +50,19 @@ def layer_norm_gather(
 
 def packed_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], scale: Optional[float] = None,
-    attn_bias: Optional[torch.Tensor] = None, v_padded: bool = False,
+    attn_bias: Optional[torch.Tensor] = None, v_padded: bool = False, v_head_width: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention over heads with per-head value widths; V packed, or padded to the head
     width (``v_padded``); the output packed. See the reference.
 
     The Triton kernel takes no additive bias: attention with a position bias or a mask
     (``attn_bias``) always runs the reference. It reads packed V: a padded one is gathered
-    to packed first."""
-    if attn_bias is None and use_triton("packed_attention", q):
+    to packed first. Queries and keys of another width than V's heads (``v_head_width``)
+    run the reference until the kernel takes them."""
+    same_width = v_head_width is None or v_head_width == q.shape[-1]
+    if attn_bias is None and same_width and use_triton("packed_attention", q):
         if v_padded:
             widths = reference.check_value_layout(q, v, v_widths, v_padded=True)
             v = v.index_select(-1, reference.padded_value_columns(tuple(widths), q.shape[-1], v.device))
         return packed_attention_triton(q, k, v, v_widths, scale)
-    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded)
+    return reference.packed_attention(q, k, v, tuple(v_widths), scale, attn_bias, v_padded, v_head_width)

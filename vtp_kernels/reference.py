@@ -72,6 +72,7 @@ def packed_attention(
     scale: Optional[float] = None,
     attn_bias: Optional[torch.Tensor] = None,
     v_padded: bool = False,
+    v_head_width: Optional[int] = None,
 ) -> torch.Tensor:
     """Softmax attention whose heads have different value widths.
 
@@ -80,6 +81,9 @@ def packed_attention(
     ``[B, N, H * D]`` with head ``h``'s values at ``[h * D, h * D + v_widths[h])`` (what the
     other columns hold is ignored). A width may be 0. Returns ``[B, N, sum(v_widths)]``,
     packed, ready for the output projection. ``scale`` defaults to ``D ** -0.5``.
+    ``v_head_width`` (default D) is the head width of a padded V, ``[B, N, H * v_head_width]``,
+    and the width packed V is padded to: queries and keys may be narrower or wider than it
+    (attention pruned in its query/key dims keeps the model's own ``scale``).
     ``attn_bias`` is added to the scores (``[..., H, N, N]`` or broadcastable to it, as
     ``scaled_dot_product_attention`` takes).
 
@@ -89,14 +93,14 @@ def packed_attention(
     CPU and CUDA): measured on a 2-core CPU, DeiT-S attention at batch 8 takes 16 ms fused
     against 72-78 ms on the math path that any narrower V falls back to.
     """
-    widths = check_value_layout(q, v, v_widths, v_padded)
+    widths = check_value_layout(q, v, v_widths, v_padded, v_head_width)
     B, H, N, D = q.shape
     total = sum(widths)
     if scale is None:
         scale = D ** -0.5
     if total == 0:
         return v[..., :0].clone()  # empty, but in the graph as the kernel's output is
-    width = max(D, max(widths))
+    width = max(D if v_head_width is None else v_head_width, max(widths))
     # Every head at the full width: packed and padded are one layout, nothing to move.
     cols = None if widths == [width] * H else padded_value_columns(tuple(widths), width, v.device)
     if cols is not None and not v_padded:
@@ -110,7 +114,8 @@ def packed_attention(
     return torch.gather(out, -1, cols.expand(B, N, total))
 
 
-def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], v_padded: bool = False) -> List[int]:
+def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int], v_padded: bool = False,
+                       v_head_width: Optional[int] = None) -> List[int]:
     """The per-head value widths as ints, after checking them and V's shape against q
     ``[B, H, N, D]``: one width per head, none negative, none above D in a padded V, and
     V ``[B, N, sum(v_widths)]`` (packed) or ``[B, N, H * D]`` (padded). Every backend of
@@ -118,6 +123,10 @@ def check_value_layout(q: torch.Tensor, v: torch.Tensor, v_widths: Sequence[int]
     if q.dim() != 4:
         raise ValueError(f"q: expected [B, H, N, D], got shape {list(q.shape)}")
     B, H, N, D = q.shape
+    if v_head_width is not None:
+        if isinstance(v_head_width, bool) or int(v_head_width) != v_head_width or v_head_width < 1:
+            raise ValueError(f"v_head_width: expected a positive integer, got {v_head_width!r}")
+        D = int(v_head_width)
     widths = [int(w) for w in v_widths]
     if len(widths) != H:
         raise ValueError(f"v_widths: expected {H} entries (one per head of q), got {len(widths)}")
