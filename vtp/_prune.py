@@ -487,19 +487,27 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.M
     if kept_in.numel() == 0:
         kept_out = kept_hidden = kept_in  # the input feeds nothing: every part is its bias
     live, widths, qk = _live_heads(kept_out, heads, head_dim)
+    qk_holder = qk_gate_holder(branch)
+    norm_slot = qk_holder is not None and qk_slot(branch)[2] is None
+    k_norm = qk_holder.norm if norm_slot else block.k_norm
+    kept_qk, g_qk = gates[QK_SITE]
+    qk_plan = _QKPlan(branch, live, kept_qk, g_qk, _needs_full_qk(block, norm_slot) and qk_holder is not None, qk)
     width = w.shape[1]
     narrowed = 0 < kept_in.numel() < width
     new = PrunedParallelBlock(
         block.attn_out_proj.out_features, kept_in.numel() if narrowed else width, head_dim,
         widths, kept_hidden.numel(),
         kept_norm(block.in_norm, kept_in) if narrowed else block.in_norm, b is not None,
-        block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, block.k_norm,
+        block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, k_norm,
         block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale, v_layout=layout,
-        kept_heads=live, dense_heads=heads, device=device, dtype=w.dtype)
+        kept_heads=live, dense_heads=heads, qk_slots=qk_plan.slots, qk_full_rows=qk_plan.full_rows,
+        device=device, dtype=w.dtype)
+    qk_plan.fill_scale(new)
 
     def rows_of(t: torch.Tensor) -> torch.Tensor:
-        parts = (kept_hidden, hidden + qk, hidden + dim + qk)
-        return torch.cat([t[torch.cat(parts).to(device)], _laid_out(new, t[(hidden + 2 * dim + kept_out).to(device)])])
+        return torch.cat([t[kept_hidden.to(device)], qk_plan.queries(t[hidden:hidden + dim]),
+                          qk_plan.keys(t[hidden + dim:hidden + 2 * dim]),
+                          _laid_out(new, t[(hidden + 2 * dim + kept_out).to(device)])])
 
     new.in_proj.weight.copy_(_scaled_columns(rows_of(w), gates["attn_in"]) if narrowed else rows_of(w) * g_in)
     if b is not None:
