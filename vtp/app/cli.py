@@ -196,8 +196,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
 
 
 def _add_sites_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sites", nargs="+", default=list(vtp.SITES), choices=list(vtp.SITES),
-                   help="which linear inputs of each block get gates")
+    p.add_argument("--sites", nargs="+", default=list(vtp.SITES), choices=list(vtp.ALL_SITES),
+                   help="which linear inputs of each block get gates (default: the paper's four; "
+                        "attn_qk also scores each query/key dim of each head)")
 
 
 # ---------------------------------------------------------------------------------------------
