@@ -50,15 +50,17 @@ def _add_qk_gate(branch: Branch) -> None:
     parent, attr, offset = qk_slot(branch)
     current = getattr(parent, attr)
     if offset is None:
-        if isinstance(current, GatedHeadNorm):
-            return
-        setattr(parent, attr, GatedHeadNorm(current, layout.heads, layout.head_dim, layout.size, per_dim,
-                                            heads_first=branch.kind != "parallel"))
+        if not isinstance(current, GatedHeadNorm):
+            like = branch.module().proj.weight if branch.kind == "attn" else branch.module().attn_out_proj.weight
+            setattr(parent, attr, GatedHeadNorm(current, layout.heads, layout.head_dim, layout.size, per_dim,
+                                                heads_first=branch.kind != "parallel", device=like.device,
+                                                dtype=like.dtype))
         return
-    if isinstance(current, GatedLinear) and current.qk_gate is not None:
+    if isinstance(current, GatedLinear):
+        if current.qk_gate is None:  # the projection's input gate (attn_in) stays as it is
+            current.add_qk_gate(offset, layout.size, per_dim)
         return
-    gated = GatedLinear.from_linear(current, input_gate=isinstance(current, GatedLinear) and current.gate is not None,
-                                    gate=current.gate if isinstance(current, GatedLinear) else None)
+    gated = GatedLinear.from_linear(current, input_gate=False)
     gated.add_qk_gate(offset, layout.size, per_dim)
     setattr(parent, attr, gated)
 

@@ -274,8 +274,7 @@ class QKLayout:
 
     def dim_to_unit(self):
         """For each of the ``heads * head_dim`` dims, the gate value that scores it."""
-        return [h * self.units_per_head + u for h in range(self.heads) for d in range(self.head_dim)
-                for u in [self._unit_of(d)]]
+        return [h * self.units_per_head + self._unit_of(d) for h in range(self.heads) for d in range(self.head_dim)]
 
     def _unit_of(self, d: int) -> int:
         if self.pairs == "interleaved":

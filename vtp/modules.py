@@ -122,15 +122,15 @@ class GatedHeadNorm(_NotScriptable, nn.Module):
     as timm's ParallelScalingBlock normalises them)."""
 
     def __init__(self, norm: nn.Module, heads: int, head_dim: int, units: int, index: Sequence[int],
-                 heads_first: bool = True):
+                 heads_first: bool = True, device=None, dtype=None):
         super().__init__()
+        if len(index) != heads * head_dim or min(index) < 0 or max(index) >= units:
+            raise ValueError(f"index: expected {heads * head_dim} gate positions in [0, {units})")
         self.norm = norm
         self.heads, self.head_dim, self.heads_first = heads, head_dim, heads_first
-        ref = next(iter(norm.parameters()), None)
-        dd = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        self.qk_gate = nn.Parameter(torch.ones(units, **dd))
-        self.register_buffer("qk_index", torch.tensor(list(index), dtype=torch.long,
-                                                      device=dd.get("device")), persistent=False)
+        self.qk_gate = nn.Parameter(torch.ones(units, device=device, dtype=dtype))
+        self.register_buffer("qk_index", torch.tensor(list(index), dtype=torch.long, device=device),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.qk_gate.index_select(0, self.qk_index)
