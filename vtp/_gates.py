@@ -63,6 +63,15 @@ def _add_qk_gate(branch: Branch) -> None:
     gated = GatedLinear.from_linear(current, input_gate=False)
     gated.add_qk_gate(offset, layout.size, per_dim)
     setattr(parent, attr, gated)
+    _bias_after_projection(parent, attr)
+
+
+def _bias_after_projection(attn: nn.Module, attr: str) -> None:
+    """EVA's and BEiT's attention add their q/v biases by calling F.linear on qkv.weight,
+    which would bypass a gate of the projection; adding them after qkv(x) is the same sum
+    and goes through it."""
+    if attr == "qkv" and getattr(attn, "q_bias", None) is not None:
+        attn.qkv_bias_separate = True
 
 
 def qk_gate_holder(branch: Branch):
@@ -107,11 +116,7 @@ def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
                 continue
             gated = GatedLinear.from_linear(first)
             setattr(first_parent, first_attr, gated)
-            if getattr(first_parent, "q_bias", None) is not None and first_attr == "qkv":
-                # EVA's and BEiT's attention add their q/v biases by calling F.linear on
-                # qkv.weight, which would bypass the gate; adding them after qkv(x) is the
-                # same sum and goes through it.
-                first_parent.qkv_bias_separate = True
+            _bias_after_projection(first_parent, first_attr)
             for parent, attr in linears[1:]:
                 setattr(parent, attr, GatedLinear.from_linear(getattr(parent, attr), gate=gated.gate))
     return model

@@ -112,6 +112,25 @@ def test_gate_scores_each_query_key_dim():
     assert torch.equal(attn.k_norm.norm.weight, dense_attn.k_norm.weight)
 
 
+@pytest.mark.parametrize("family", ["EVA-02: RoPE pairs (half), q/v biases", "BEiT: position bias table"])
+def test_attn_qk_alone_gates_projections_whose_bias_is_added_apart(family):
+    """EVA and BEiT add their q/v biases with F.linear on qkv.weight: a gate in qkv alone
+    must still be seen (the survey gates every site together, which hid this)."""
+    model, size = build(*FAMILIES[family])
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    vtp.add_gates(model, sites=("attn_qk",))
+    dense = model(x)
+    with torch.no_grad():
+        for gate in vtp.gates(model).values():
+            gate.zero_()  # every score 0 (or the position bias alone): the output must move
+    assert (model(x) - dense).abs().max() > 1e-3
+    randomize(model)
+    plan = vtp.plan(model, ratio=0.5, round_to=1)
+    masked = copy.deepcopy(model)
+    masked_copy_gates(masked, plan)
+    torch.testing.assert_close(vtp.prune(model, plan)(x), masked(x), rtol=1e-9, atol=1e-9)
+
+
 def test_sites_added_in_any_order_share_one_projection():
     one = vtp.add_gates(make_vit(), sites=vtp.ALL_SITES)
     two = vtp.add_gates(vtp.add_gates(make_vit(), sites=("attn_qk",)), sites=vtp.SITES)
