@@ -197,6 +197,10 @@ def test_qk_norm_keeps_rows_and_saves_in_the_product_only():
     assert attn.qk_full_rows and attn.qk_pruned
     assert attn.qkv.out_features == 2 * attn.num_heads * attn.head_dim + attn.num_heads * attn.head_dim
     assert isinstance(attn.k_norm, torch.nn.LayerNorm)  # the gate is folded out of the norm
+    # fine-tuning reaches the rows the norm reads, and the zero slots stay zero
+    small.train()
+    small(torch.randn(2, 3, 32, 32, dtype=torch.float64)).square().sum().backward()
+    assert attn.qkv.weight.grad.abs().sum() > 0 and "qk_scale" in dict(attn.named_buffers())
 
 
 def test_profile_counts_kept_and_executed_query_key_widths():
