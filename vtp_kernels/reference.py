@@ -105,6 +105,12 @@ def packed_attention(
     cols = None if widths == [width] * H else padded_value_columns(tuple(widths), width, v.device)
     if cols is not None and not v_padded:
         v = v.new_zeros(B, N, H * width).index_copy(-1, cols, v)
+    if D < width:
+        # Queries and keys narrower than V (attention pruned in its query/key dims): zero
+        # columns add nothing to any score, and equal widths let SDPA run a fused kernel,
+        # which needs them, instead of the math path that materialises every N x N score
+        # (a depth-2 RADIO ViT at its 1024-px default needed 20 GB on that path).
+        q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
     out = F.scaled_dot_product_attention(q, k, v.view(B, N, H, width).transpose(1, 2), attn_mask=attn_bias,
                                          scale=scale)
     out = out.transpose(1, 2).reshape(B, N, H * width)
