@@ -268,3 +268,29 @@ def test_files_saved_before_attn_qk_still_load(name):
     torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
     raw = json.loads((DATA / name / "config.json").read_text())
     assert raw["version"] == 2
+
+
+@pytest.mark.parametrize("qk_width", [0, 5, 8])
+@pytest.mark.parametrize("v_padded", [False, True])
+def test_packed_attention_takes_queries_and_keys_of_another_width(qk_width, v_padded):
+    """The reference PrunedAttention calls: q, k [B, H, N, Dqk]; V's heads v_head_width wide
+    (padded) or packed; the scale given, not 1/sqrt(Dqk)."""
+    import vtp_kernels
+
+    B, H, N, width, widths, scale = 2, 3, 7, 8, (3, 8, 0), 0.3
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, H, N, qk_width, dtype=torch.float64, generator=g) for _ in range(2))
+    v_full = torch.randn(B, N, H, width, dtype=torch.float64, generator=g)
+    bias = torch.randn(1, H, N, N, dtype=torch.float64, generator=g)
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale + bias
+    expected = torch.cat([(scores.softmax(-1) @ v_full[:, :, h, :w].unsqueeze(1).expand(B, H, N, w))[:, h]
+                          for h, w in enumerate(widths)], dim=-1)
+    if v_padded:
+        v = v_full.reshape(B, N, H * width)
+    else:
+        v = torch.cat([v_full[:, :, h, :w] for h, w in enumerate(widths)], dim=-1)
+    got = vtp_kernels.packed_attention(q, k, v, widths, scale, attn_bias=bias, v_padded=v_padded,
+                                       v_head_width=width)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="v_head_width: expected a positive integer"):
+        vtp_kernels.packed_attention(q, k, v, widths, scale, v_padded=v_padded, v_head_width=0)
