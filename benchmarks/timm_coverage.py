@@ -2,9 +2,10 @@
 
 For every timm architecture named ``vit_*``, ``deit*``, ``flexivit*``, ``eva*``, ``beit*``,
 ``samvit*`` or ``naflexvit*`` of tiny to base size (built with ``pretrained=False``, depth 2,
-an image of 4 x 4 patches, float64): gates on every site, random gate values with some
-exactly zero (a dead head and a dead MLP among them), a plan removing half the gated dims,
-physical pruning, and then
+an image of 4 x 4 patches, float64): gates on every site (the paper's four, or with
+``--sites ... attn_qk`` also the query/key site), random gate values with some exactly zero
+(a dead head, a dead MLP and, with attn_qk, a head with every query/key dim at zero), a
+plan removing half the gated dims, physical pruning, and then
 
 * ``exact``: the pruned model equals the gated model with its pruned gates at zero
   (float64, eval mode), with folding on and off;
@@ -17,6 +18,8 @@ message) and prints a table by family::
 
     python benchmarks/timm_coverage.py                 # all of them, a few minutes on 2 cores
     python benchmarks/timm_coverage.py --only 'eva02*'
+    python benchmarks/timm_coverage.py --sites attn_in attn_out mlp_in mlp_hidden attn_qk \
+        --out benchmarks/results/timm_coverage_qk.json
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vtp  # noqa: E402
-from vtp.architectures import head_dim as model_head_dim  # noqa: E402
+from vtp.architectures import QK_SITE, branches, head_dim as model_head_dim, qk_layout  # noqa: E402
 from vtp.app.tables import format_table  # noqa: E402
 from vtp.atomic import write_json  # noqa: E402
 
@@ -106,9 +109,12 @@ def perturb(model, seed: int = 2):
 
 def randomize(model, seed: int = 0) -> None:
     """Gate values in (0.05, 1.05) with about a tenth exactly zero; the first head of block 0
-    (every value dim of it: the head goes) and the MLP hidden features of block 1 all zero."""
+    (every value dim of it: the head goes) and the MLP hidden features of block 1 all zero;
+    with attn_qk gated, every query/key dim of the second head of each block's first
+    attention (the head stays, its scores constant)."""
     g = torch.Generator().manual_seed(seed)
     head_dim = model_head_dim(model)
+    qk_units = {b.gate_name(QK_SITE): qk_layout(b).units_per_head for b in branches(model) if QK_SITE in b.sites}
     with torch.no_grad():
         for name, gate in vtp.gates(model).items():
             values = torch.rand(gate.shape, generator=g, dtype=torch.float64) + 0.05
@@ -117,6 +123,9 @@ def randomize(model, seed: int = 0) -> None:
                 values[:head_dim] = 0
             if name.startswith("blocks.1.") and name.endswith("mlp_hidden"):
                 values.zero_()
+            if name.endswith(QK_SITE) and (name.count(".") == 2 or name.endswith(f".0.{QK_SITE}")):
+                units = qk_units[name]
+                values[units:2 * units] = 0
             gate.copy_(values)
 
 
@@ -130,12 +139,12 @@ def masked(model, plan, fold: bool):
     return out
 
 
-def check(name: str, tmp: str) -> dict:
+def check(name: str, tmp: str, sites=vtp.SITES) -> dict:
     model, size = build(name)
     chans = 3
     x = torch.randn(2, chans, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     try:
-        vtp.add_gates(model)
+        vtp.add_gates(model, sites)
     except TypeError as e:
         return {"status": "refused", "stage": "gate", "message": str(e)}
     randomize(model)
@@ -175,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="fnmatch patterns of names to check")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "timm_coverage.json"),
                         help="the JSON record to write")
+    parser.add_argument("--sites", nargs="+", default=list(vtp.SITES), choices=list(vtp.ALL_SITES),
+                        help="which sites get gates (default: the paper's four)")
     parser.add_argument("--verbose", action="store_true", help="print every traceback of an error")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -185,7 +196,7 @@ def main(argv=None) -> int:
         for i, name in enumerate(names):
             t0 = time.perf_counter()
             try:
-                rows[name] = check(name, tmp)
+                rows[name] = check(name, tmp, tuple(args.sites))
             except Exception as e:  # noqa: BLE001 - the record says what broke, and where
                 rows[name] = {"status": "error", "stage": "?", "message": f"{type(e).__name__}: {e}"}
                 if args.verbose:
@@ -203,7 +214,8 @@ def main(argv=None) -> int:
     print(format_table(["family"] + list(statuses), table))
     record = {"command": " ".join([sys.executable] + sys.argv), "timm": timm.__version__,
               "torch": torch.__version__, "python": platform.python_version(),
-              "seconds": time.perf_counter() - start, "counts": dict(total), "architectures": rows}
+              "sites": list(args.sites), "seconds": time.perf_counter() - start, "counts": dict(total),
+              "architectures": rows}
     write_json(args.out, record)
     print(f"wrote {args.out}")
     return 0

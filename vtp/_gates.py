@@ -12,6 +12,10 @@ site           gated linear(s)             what the gate scores
 ``mlp_hidden`` ``mlp.fc2``                 the MLP's hidden features
 =============  ==========================  ==========================================
 
+``attn_qk`` (opt-in: ``add_gates(model, sites=vtp.ALL_SITES)``) scores each query/key dim
+of each head inside the attention scores; it sits on the key rows of ``attn.qkv`` (or on
+``attn.k_norm``'s output): see architectures.py.
+
 Gates are named ``blocks.{i}.{site}`` everywhere (plans, statistics, plots), and
 ``blocks.{i}.{j}.{site}`` for the j-th branch of a parallel block.
 """
@@ -22,10 +26,11 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .architectures import SITES, branches, check_supported, site_linears
-from .modules import GatedLinear
+from .architectures import (ALL_SITES, QK_SITE, SITES, Branch, branches, check_supported, qk_layout, qk_slot,
+                            site_linears)
+from .modules import GatedHeadNorm, GatedLinear
 
-__all__ = ["SITES", "add_gates", "gates", "require_gates", "l1_penalty", "param_groups", "gate_values",
+__all__ = ["SITES", "QK_SITE", "ALL_SITES", "add_gates", "qk_gate_holder", "gates", "require_gates", "l1_penalty", "param_groups", "gate_values",
            "gate_stats", "check_supported"]
 
 
@@ -33,14 +38,61 @@ def _check_sites(sites: Iterable[str]) -> Tuple[str, ...]:
     if isinstance(sites, str):
         sites = (sites,)
     sites = tuple(sites)
-    unknown = [s for s in sites if s not in SITES]
+    unknown = [s for s in sites if s not in ALL_SITES]
     if unknown or not sites:
-        raise ValueError(f"sites: expected a non-empty subset of {SITES}, got {sites}")
-    return tuple(s for s in SITES if s in sites)
+        raise ValueError(f"sites: expected a non-empty subset of {ALL_SITES}, got {sites}")
+    return tuple(s for s in ALL_SITES if s in sites)
+
+
+def _add_qk_gate(branch: Branch) -> None:
+    layout = qk_layout(branch)
+    per_dim = layout.dim_to_unit()
+    parent, attr, offset = qk_slot(branch)
+    current = getattr(parent, attr)
+    if offset is None:
+        if not isinstance(current, GatedHeadNorm):
+            like = branch.module().proj.weight if branch.kind == "attn" else branch.module().attn_out_proj.weight
+            setattr(parent, attr, GatedHeadNorm(current, layout.heads, layout.head_dim, layout.size, per_dim,
+                                                heads_first=branch.kind != "parallel", device=like.device,
+                                                dtype=like.dtype))
+        return
+    if isinstance(current, GatedLinear):
+        if current.qk_gate is None:  # the projection's input gate (attn_in) stays as it is
+            current.add_qk_gate(offset, layout.size, per_dim)
+        return
+    gated = GatedLinear.from_linear(current, input_gate=False)
+    gated.add_qk_gate(offset, layout.size, per_dim)
+    setattr(parent, attr, gated)
+    _bias_after_projection(parent, attr)
+
+
+def _bias_after_projection(attn: nn.Module, attr: str) -> None:
+    """EVA's and BEiT's attention add their q/v biases by calling F.linear on qkv.weight,
+    which would bypass a gate of the projection; adding them after qkv(x) is the same sum
+    and goes through it."""
+    if attr == "qkv" and getattr(attn, "q_bias", None) is not None:
+        attn.qkv_bias_separate = True
+
+
+def qk_gate_holder(branch: Branch):
+    """The module holding the branch's ``attn_qk`` gate (as ``qk_gate``), or None (also for
+    what pruning left: a constant branch has no heads)."""
+    if not hasattr(branch.module(), "num_heads"):
+        return None
+    parent, attr, _ = qk_slot(branch)
+    module = getattr(parent, attr, None)
+    return module if getattr(module, "qk_gate", None) is not None else None
+
+
+def _input_gated(linear) -> bool:
+    return isinstance(linear, GatedLinear) and linear.gate is not None
 
 
 def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
     """Replace the gated linears of every branch by ``GatedLinear`` (in place); returns ``model``.
+
+    ``sites``: any of ``vtp.ALL_SITES``: the paper's four (``vtp.SITES``, the default) and
+    ``attn_qk``, one gate per query/key dim of each head (per RoPE pair where RoPE rotates).
 
     Weights are shared with the original linears, not copied. Gates start at 1, so the
     model computes exactly what it did before. Linears that read one input (q, k and v
@@ -54,18 +106,17 @@ def add_gates(model: nn.Module, sites: Sequence[str] = SITES) -> nn.Module:
         for site in branch.sites:
             if site not in sites:
                 continue
+            if site == QK_SITE:
+                _add_qk_gate(branch)
+                continue
             linears = site_linears(branch, site)
             first_parent, first_attr = linears[0]
             first = getattr(first_parent, first_attr)
-            if isinstance(first, GatedLinear):
+            if _input_gated(first):
                 continue
             gated = GatedLinear.from_linear(first)
             setattr(first_parent, first_attr, gated)
-            if getattr(first_parent, "q_bias", None) is not None and first_attr == "qkv":
-                # EVA's and BEiT's attention add their q/v biases by calling F.linear on
-                # qkv.weight, which would bypass the gate; adding them after qkv(x) is the
-                # same sum and goes through it.
-                first_parent.qkv_bias_separate = True
+            _bias_after_projection(first_parent, first_attr)
             for parent, attr in linears[1:]:
                 setattr(parent, attr, GatedLinear.from_linear(getattr(parent, attr), gate=gated.gate))
     return model
@@ -82,9 +133,14 @@ def gates(model: nn.Module) -> Dict[str, nn.Parameter]:
         return found
     for branch in all_branches:
         for site in branch.sites:
+            if site == QK_SITE:
+                holder = qk_gate_holder(branch)
+                if holder is not None:
+                    found[branch.gate_name(site)] = holder.qk_gate
+                continue
             parent, attr = site_linears(branch, site)[0]
             linear = getattr(parent, attr, None)
-            if isinstance(linear, GatedLinear):
+            if _input_gated(linear):
                 found[branch.gate_name(site)] = linear.gate
     return found
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .architectures import head_dim as model_head_dim
+from .architectures import QK_SITE, branches, head_dim as model_head_dim, qk_layout
 from ._gates import check_supported, require_gates
 from .pruning_plan import PruningPlan
 from ._profile import profile
@@ -125,7 +125,8 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     up to a multiple of ``round_to`` (default 8: widths GEMMs run fast with; 1: the paper's exact
     counts), never past the gate size.
     For ``attn_out`` the rounding applies to each head's value width, which is what the
-    attention kernels and the output projection see.
+    attention kernels and the output projection see; for ``attn_qk`` to each head's
+    query/key width (in RoPE pairs where a value gates a pair: ``round_to`` dims).
     ``img_size`` sets the token count used for ``flops_target`` (default: the model's).
     ``scores`` replaces ``|a|`` by other importance scores, one 1-D tensor per gate name
     (e.g. weight magnitudes, for comparison with other pruning criteria); higher is kept.
@@ -150,6 +151,7 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     sizes = {n: scores[n].numel() for n in names}
     head_dim = model_head_dim(model)
     rule = {"scope": scope, "round_to": round_to, "min_keep": min_keep}
+    qk_heads = _qk_heads(model, names)
 
     def finish(counts: Dict[str, int]) -> Dict[str, List[int]]:
         kept = {}
@@ -158,6 +160,10 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
                 # What the attention kernels see is each head's value width: round those.
                 idx = _keep_top(scores[n], _adjust(counts[n], sizes[n], 1, min_keep))
                 kept[n] = _round_heads(scores[n], idx, head_dim, round_to)
+            elif n in qk_heads:  # ... and each head's query/key width
+                units, per_unit = qk_heads[n]
+                idx = _keep_top(scores[n], _adjust(counts[n], sizes[n], 1, min_keep))
+                kept[n] = _round_heads(scores[n], idx, units, -(-round_to // per_unit))
             else:
                 kept[n] = _keep_top(scores[n], _adjust(counts[n], sizes[n], round_to, min_keep))
         return kept
@@ -246,3 +252,14 @@ def _fit_flops(model, scores, names, sizes, head_dim, target, finish, rule, img_
                          f"min_keep={rule['min_keep']}) still leaves {macs / dense:.3f} of the dense MACs")
     rule.update(threshold=threshold, macs=macs, dense_macs=dense)
     return kept
+
+
+def _qk_heads(model: nn.Module, names: List[str]) -> Dict[str, tuple]:
+    """For each ``attn_qk`` gate: (values per head, dims per value)."""
+    out = {}
+    for branch in branches(model):
+        name = branch.gate_name(QK_SITE)
+        if QK_SITE in branch.sites and name in names:
+            layout = qk_layout(branch)
+            out[name] = (layout.units_per_head, layout.head_dim // layout.units_per_head)
+    return out

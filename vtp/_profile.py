@@ -29,7 +29,8 @@ __all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_si
 class Profile:
     """``macs`` counts the kept dimensions (what a plan and the literature count);
     ``executed_macs`` also the zeros a layout computes with (padded value rows, and values
-    padded to the head width inside attention, as the PyTorch path runs it)."""
+    padded to the head width inside attention, as the PyTorch path runs it; zero query and
+    key slots that give every head of a block one QK width)."""
     params: int
     macs: int
     img_size: Tuple[int, int]
@@ -117,9 +118,9 @@ def _embed(model: nn.Module) -> nn.Module:
 
 
 def _attention_dims(m: nn.Module) -> Tuple[int, int]:
-    """(query/key width, value width) of an attention module, summed over its heads."""
+    """(kept query/key width, value width) of an attention module, summed over its heads."""
     if isinstance(m, (PrunedAttention, PrunedParallelBlock)):
-        return m.qk_dim, m.v_dim
+        return sum(m.qk_widths), m.v_dim
     dim = m.num_heads * attention_head_dim(m) if not isinstance(m, ParallelScalingBlock) else m.in_split[1]
     return dim, dim
 
@@ -149,11 +150,14 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
         qk, v = _attention_dims(m)
         total[0] += batch * tokens * tokens * (qk + v)
         if isinstance(m, (PrunedAttention, PrunedParallelBlock)) and m.v_dim:
-            padded = m.qk_dim - m.v_dim  # V padded to the head width for attention
-            zeros["attention"] += batch * tokens * tokens * padded
+            projection = m.qkv if isinstance(m, PrunedAttention) else m.in_proj
+            padded = m.num_heads * m.head_dim - m.v_dim  # V padded to the head width for attention
+            qk_slots = m.num_heads * m.qk_width - qk   # query/key slots of zeros (attn_qk)
+            zeros["attention"] += batch * tokens * tokens * (padded + qk_slots)
             if m.v_layout == "padded":   # ... and computed so: zero rows the linear hook counted
-                projection = m.qkv if isinstance(m, PrunedAttention) else m.in_proj
                 zeros["linear"] += batch * tokens * projection.in_features * padded
+            if m.qk_pruned and not m.qk_full_rows:  # zero query and key rows of the projection
+                zeros["linear"] += batch * tokens * projection.in_features * 2 * qk_slots
 
     handles = []
     for m in model.modules():

@@ -12,6 +12,13 @@ when folding, else 1, and 0 wherever the plan prunes):
   rows. The attention becomes a ``PrunedAttention``. Where a norm sits over the attention
   output (timm's ``scale_norm``), its statistics need every value dim: V keeps its width and
   the norm emits the kept dims;
+* ``attn_qk``: each kept head keeps the query and key rows of its kept query/key dims (its
+  QK width), in as many slots as the widest head (zero rows fill the others: one attention
+  call takes every head; a head with none left scores every token alike, 0 or its position
+  bias, as the gated model does); the gate folds into the key rows. The softmax scale stays
+  the model's. Where a q/k norm needs every dim (or SAM's position bias reads the full
+  queries), the rows stay and the attention gathers the kept dims after the norm (and RoPE),
+  scaling the queries by the folded gate: the saving is then in ``Q K^T`` alone;
 * ``mlp_hidden``: fc1 (both halves of a GLU) keeps the kept rows, fc2 the kept columns;
   with a norm over the hidden features fc1 keeps every row and the norm emits the kept ones;
 * a branch whose gated inputs or hidden features are all pruned no longer depends on its
@@ -36,7 +43,9 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.vision_transformer_relpos import RelPosAttention
 from timm.models.vision_transformer_sam import Attention as SamAttention
 
-from .architectures import Branch, attention_head_dim, attention_input_names, branches, check_supported, site_linears
+from .architectures import (QK_SITE, Branch, QKLayout, attention_head_dim, attention_input_names, branches,
+                            check_supported, qk_layout, qk_slot, site_linears)
+from ._gates import qk_gate_holder
 from .modules import (V_LAYOUTS, ConstantBranch, DecomposedPositionBias, GatedLinear, HeadsOfPositionBias,
                       IndexedLinear, PrunedAttention, PrunedParallelBlock, TablePositionBias, kept_norm)
 from .pruning_plan import PruningPlan
@@ -122,10 +131,12 @@ def _effective_gate(branch: Branch, site: str, plan: PruningPlan, fold: bool) ->
     """The kept indices (on the CPU: the structure is decided from them, also for models on
     the meta device), and the vector the pruned weights bake in (the gate value, or 1 without
     folding, where kept; 0 where pruned)."""
+    if site == QK_SITE:
+        return _effective_qk(branch, plan, fold)
     parent, attr = site_linears(branch, site)[0]
     linear = getattr(parent, attr)
     w = linear.weight
-    if not isinstance(linear, GatedLinear):
+    if not isinstance(linear, GatedLinear) or linear.gate is None:
         return torch.arange(linear.in_features), torch.ones(linear.in_features, dtype=w.dtype, device=w.device)
     kept = torch.tensor(plan.kept[branch.gate_name(site)], dtype=torch.long)
     values = linear.gate.detach().to(w.dtype) if fold else torch.ones(linear.in_features, dtype=w.dtype,
@@ -133,6 +144,57 @@ def _effective_gate(branch: Branch, site: str, plan: PruningPlan, fold: bool) ->
     effective = torch.zeros_like(values)
     effective[kept.to(w.device)] = values[kept.to(w.device)]
     return kept, effective
+
+
+def _effective_qk(branch: Branch, plan: PruningPlan, fold: bool) -> Gate:
+    """An ``attn_qk`` gate per query/key dim (``heads * head_dim``): the kept dims and the
+    vector the pruned keys bake in, a RoPE pair's one value on both of its dims."""
+    layout = qk_layout(branch)
+    ref = branch.module().proj.weight if branch.kind == "attn" else branch.module().attn_out_proj.weight
+    unit_of = torch.tensor(layout.dim_to_unit(), dtype=torch.long)
+    n = unit_of.numel()
+    holder = qk_gate_holder(branch)
+    if holder is None:
+        return torch.arange(n), torch.ones(n, dtype=ref.dtype, device=ref.device)
+    kept_units = torch.zeros(layout.size, dtype=torch.bool)
+    kept_units[torch.tensor(plan.kept[branch.gate_name(QK_SITE)], dtype=torch.long)] = True
+    kept = torch.nonzero(kept_units[unit_of]).flatten()
+    values = holder.qk_gate.detach().to(ref.dtype)[unit_of.to(ref.device)] if fold else \
+        torch.ones(n, dtype=ref.dtype, device=ref.device)
+    effective = torch.zeros_like(values)
+    effective[kept.to(ref.device)] = values[kept.to(ref.device)]
+    return kept, effective
+
+
+def _qk_slots(layout: QKLayout, kept_dims: torch.Tensor, live: List[int]) -> List[List[int]]:
+    """Each live head's query/key slots (``QKLayout.slots``), as wide as the widest head."""
+    unit_of = layout.dim_to_unit()
+    units = {h: sorted({unit_of[d] - h * layout.units_per_head for d in kept_dims.tolist()
+                        if d // layout.head_dim == h}) for h in live}
+    per_unit = layout.head_dim // layout.units_per_head
+    width = max((len(units[h]) * per_unit for h in live), default=0)
+    return [layout.slots(units[h], width) for h in live]
+
+
+def _slot_rows(live: List[int], slots: List[List[int]], head_dim: int) -> torch.Tensor:
+    """Dense projection row of each query (key) slot; -1 for a zero slot."""
+    return torch.tensor([h * head_dim + d if d >= 0 else -1 for h, row in zip(live, slots) for d in row],
+                        dtype=torch.long)
+
+
+def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[rows]`` with a zero row (or entry) wherever ``rows`` is -1."""
+    rows = rows.to(t.device)
+    keep = (rows >= 0).to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+    return t[rows.clamp(min=0)] * keep
+
+
+def _needs_full_qk(core: nn.Module, norm_slot: bool) -> bool:
+    """Whether the queries and keys must be computed at full width: a q/k norm takes its
+    statistics over every dim, SAM's decomposed position bias reads every query dim."""
+    if norm_slot or not isinstance(getattr(core, "q_norm", nn.Identity()), nn.Identity):
+        return True
+    return isinstance(core, SamAttention) and bool(core.use_rel_pos)
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], in_index: Optional[torch.Tensor] = None,
@@ -308,9 +370,39 @@ def _laid_out(module: nn.Module, packed: torch.Tensor) -> torch.Tensor:
     place in their head's ``head_dim`` rows, zero rows between)."""
     if module.v_layout == "packed":
         return packed
-    out = packed.new_zeros((module.qk_dim,) + tuple(packed.shape[1:]))
+    out = packed.new_zeros((module.v_rows,) + tuple(packed.shape[1:]))
     out[module.value_rows().to(packed.device)] = packed
     return out
+
+
+class _QKPlan:
+    """The query/key side of a pruned attention: each live head's slots, the dense rows
+    they take, and where the folded ``attn_qk`` gate goes (the key rows, or ``qk_scale``
+    where the rows are computed in full)."""
+
+    def __init__(self, branch: Branch, live: List[int], kept: torch.Tensor, effective: torch.Tensor,
+                 full_rows: bool, dense_rows: torch.Tensor):
+        layout = qk_layout(branch)
+        self.slots = _qk_slots(layout, kept, live)
+        self.full_rows = full_rows
+        self.effective = effective
+        self.slot_rows = _slot_rows(live, self.slots, layout.head_dim)
+        pruned = self.slots != [list(range(layout.head_dim))] * len(live)
+        self.rows = dense_rows if full_rows or not pruned else self.slot_rows
+
+    def queries(self, t: torch.Tensor) -> torch.Tensor:
+        return _take_rows(t, self.rows)
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        if self.full_rows:
+            return _take_rows(t, self.rows)
+        rows = self.rows.to(t.device)
+        scale = _take_rows(self.effective, rows).to(t.dtype)
+        return _take_rows(t, rows) * scale.view(-1, *([1] * (t.dim() - 1)))
+
+    def fill_scale(self, module: nn.Module) -> None:
+        if module.qk_scale is not None:
+            module.qk_scale.copy_(_take_rows(self.effective, self.slot_rows).view_as(module.qk_scale))
 
 
 def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> None:
@@ -324,11 +416,19 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> Non
 
     width = parts.weights[0].shape[1]
     in_index = _narrow_input(branch, gates["attn_in"], width)
-    if kept_in.numel() == width and kept_out.numel() == dim:
-        # Nothing pruned: fold the gates into the weights and keep timm's module.
+    kept_qk, g_qk = gates[QK_SITE]
+    qk_holder = qk_gate_holder(branch)
+    norm_slot = qk_holder is not None and qk_slot(branch)[2] is None
+    k_norm = qk_holder.norm if norm_slot else getattr(attn, "k_norm", None)
+    if kept_in.numel() == width and kept_out.numel() == dim and kept_qk.numel() == dim and not norm_slot:
+        # Nothing pruned: fold the gates into the weights (attn_qk: the key rows) and keep
+        # timm's module.
         for name in attention_input_names(attn):
             layer = getattr(attn, name)
-            setattr(attn, name, _linear(_scaled_columns(layer.weight, gates["attn_in"]), layer.bias))
+            rows = {"qkv": torch.cat([torch.ones_like(g_qk[:dim]), g_qk, torch.ones_like(g_qk[:dim])]),
+                    "k_proj": g_qk}.get(name, torch.ones_like(layer.weight[:, 0]))
+            bias = layer.bias * rows if layer.bias is not None else None
+            setattr(attn, name, _linear(_scaled_columns(layer.weight, gates["attn_in"]) * rows[:, None], bias))
         attn.proj = _linear(_scaled_columns(attn.proj.weight, gates["attn_out"]), attn.proj.bias)
         return
 
@@ -342,22 +442,24 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> Non
         v_rows, norm = kept_out, None
         live, widths, qk_rows = _live_heads(kept_out, parts.heads, head_dim)
     device = parts.proj.weight.device
-    q_rows, v_rows = qk_rows.to(device), v_rows.to(device)
+    v_rows = v_rows.to(device)
+    qk = _QKPlan(branch, live, kept_qk, g_qk, _needs_full_qk(attn, norm_slot) and qk_holder is not None, qk_rows)
     new = PrunedAttention(
         width if in_index is not None else kept_in.numel(), parts.proj.out_features, head_dim, widths,
         qkv_bias=parts.biases is not None, proj_bias=parts.proj.bias is not None, q_norm=getattr(attn, "q_norm", None),
-        k_norm=getattr(attn, "k_norm", None), proj_drop=attn.proj_drop.p, scale=attn.scale,
+        k_norm=k_norm, proj_drop=attn.proj_drop.p, scale=attn.scale,
         rope_prefix_tokens=parts.rope_prefix_tokens, rotate_half=parts.rotate_half,
         rope_module=parts.rope_module, position_bias=_position_bias(attn, live), norm=norm,
         gated=parts.gate is not None, gate_bias=parts.gate is not None and parts.gate.bias is not None,
-        in_index=in_index, kept_heads=live, dense_heads=parts.heads,
-        v_layout="packed" if output_norm else layout, device=device, dtype=parts.proj.weight.dtype)
+        in_index=in_index, kept_heads=live, dense_heads=parts.heads, v_layout="packed" if output_norm else layout,
+        qk_slots=qk.slots, qk_full_rows=qk.full_rows, device=device, dtype=parts.proj.weight.dtype)
+    qk.fill_scale(new)
     (wq, wk, wv) = parts.weights
-    w_qkv = torch.cat([wq[q_rows], wk[q_rows], _laid_out(new, wv[v_rows])])
+    w_qkv = torch.cat([qk.queries(wq), qk.keys(wk), _laid_out(new, wv[v_rows])])
     new.qkv.weight.copy_(_scaled_columns(w_qkv, gates["attn_in"]))
     if parts.biases is not None:
         bq, bk, bv = parts.biases
-        new.qkv.bias.copy_(torch.cat([bq[q_rows], bk[q_rows], _laid_out(new, bv[v_rows])]))
+        new.qkv.bias.copy_(torch.cat([qk.queries(bq), qk.keys(bk), _laid_out(new, bv[v_rows])]))
     if parts.gate is not None:
         rows = kept_out.to(device)
         new.gate.weight.copy_(_scaled_columns(parts.gate.weight[rows], gates["attn_in"]))
@@ -385,19 +487,27 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.M
     if kept_in.numel() == 0:
         kept_out = kept_hidden = kept_in  # the input feeds nothing: every part is its bias
     live, widths, qk = _live_heads(kept_out, heads, head_dim)
+    qk_holder = qk_gate_holder(branch)
+    norm_slot = qk_holder is not None and qk_slot(branch)[2] is None
+    k_norm = qk_holder.norm if norm_slot else block.k_norm
+    kept_qk, g_qk = gates[QK_SITE]
+    qk_plan = _QKPlan(branch, live, kept_qk, g_qk, _needs_full_qk(block, norm_slot) and qk_holder is not None, qk)
     width = w.shape[1]
     narrowed = 0 < kept_in.numel() < width
     new = PrunedParallelBlock(
         block.attn_out_proj.out_features, kept_in.numel() if narrowed else width, head_dim,
         widths, kept_hidden.numel(),
         kept_norm(block.in_norm, kept_in) if narrowed else block.in_norm, b is not None,
-        block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, block.k_norm,
+        block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, k_norm,
         block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale, v_layout=layout,
-        kept_heads=live, dense_heads=heads, device=device, dtype=w.dtype)
+        kept_heads=live, dense_heads=heads, qk_slots=qk_plan.slots, qk_full_rows=qk_plan.full_rows,
+        device=device, dtype=w.dtype)
+    qk_plan.fill_scale(new)
 
     def rows_of(t: torch.Tensor) -> torch.Tensor:
-        parts = (kept_hidden, hidden + qk, hidden + dim + qk)
-        return torch.cat([t[torch.cat(parts).to(device)], _laid_out(new, t[(hidden + 2 * dim + kept_out).to(device)])])
+        return torch.cat([t[kept_hidden.to(device)], qk_plan.queries(t[hidden:hidden + dim]),
+                          qk_plan.keys(t[hidden + dim:hidden + 2 * dim]),
+                          _laid_out(new, t[(hidden + 2 * dim + kept_out).to(device)])])
 
     new.in_proj.weight.copy_(_scaled_columns(rows_of(w), gates["attn_in"]) if narrowed else rows_of(w) * g_in)
     if b is not None:

@@ -15,13 +15,23 @@ and an attention output gate read the same input, a SwiGLU's two input projectio
 those linears share one gate. Gates are named ``blocks.{i}.{site}``, and
 ``blocks.{i}.{j}.{site}`` for the j-th branch of a parallel block.
 
+A fifth site, ``attn_qk`` (opt-in, not in ``SITES``), scores each query/key dim of each
+head: the scores become ``s = sum_d a_d q_d k_d``. The gate multiplies the keys: that is
+the same product, and the keys have no other reader (SAM's decomposed position bias reads
+the queries; EVA's and BEiT's attention add a query bias outside the projection, so a gate
+in the query rows would miss it, while their key bias is zero). Where a key norm sits
+between projection and product the gate multiplies its output (``GatedHeadNorm``);
+elsewhere it scales the key rows of the projection (N*K work, like the input gates). With
+RoPE one gate value serves both dims of a rotation pair, so the rotation commutes with it:
+such a gate holds ``heads * head_dim / 2`` values, one per pair (``QKLayout``).
+
 Anything else (grouped-query attention, differential attention, other MLPs or norms) is a
 ``TypeError`` that names the module and what was found.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from timm.layers import Attention, AttentionRope, GluMlp, Mlp, SwiGLU
@@ -36,13 +46,15 @@ from timm.models.vision_transformer_sam import Block as SamBlock
 
 from .modules import is_rms_norm
 
-__all__ = ["SITES", "ATTN_SITES", "MLP_SITES", "PARALLEL_SITES", "Branch", "branches",
+__all__ = ["SITES", "QK_SITE", "ALL_SITES", "QKLayout", "qk_layout", "qk_slot", "ATTN_SITES", "MLP_SITES", "PARALLEL_SITES", "Branch", "branches",
            "check_supported", "site_linears", "head_dim", "attention_head_dim", "drop_path_slots", "parse_gate_name", "attention_input_names"]
 
 SITES: Tuple[str, ...] = ("attn_in", "attn_out", "mlp_in", "mlp_hidden")
-ATTN_SITES = ("attn_in", "attn_out")
+QK_SITE = "attn_qk"
+ALL_SITES: Tuple[str, ...] = SITES + (QK_SITE,)
+ATTN_SITES = ("attn_in", "attn_out", QK_SITE)
 MLP_SITES = ("mlp_in", "mlp_hidden")
-PARALLEL_SITES = ("attn_in", "attn_out", "mlp_hidden")
+PARALLEL_SITES = ("attn_in", "attn_out", "mlp_hidden", QK_SITE)
 
 PRE_NORM_BLOCKS = (Block, RelPosBlock, BeitBlock, EvaBlock, SamBlock)
 POST_NORM_BLOCKS = (ResPostBlock, ResPostRelPosBlock, EvaBlockPostNorm)
@@ -81,7 +93,7 @@ class Branch:
 def parse_gate_name(name: str) -> Tuple[int, Optional[int], str]:
     """``"blocks.3.attn_in"`` -> (3, None, "attn_in"); ``"blocks.3.1.mlp_in"`` -> (3, 1, "mlp_in")."""
     parts = name.split(".")
-    if len(parts) not in (3, 4) or parts[0] != "blocks" or parts[-1] not in SITES:
+    if len(parts) not in (3, 4) or parts[0] != "blocks" or parts[-1] not in ALL_SITES:
         raise ValueError(f"gate name: expected 'blocks.<i>.<site>' or 'blocks.<i>.<j>.<site>', got {name!r}")
     return int(parts[1]), (int(parts[2]) if len(parts) == 4 else None), parts[-1]
 
@@ -230,4 +242,92 @@ def site_linears(branch: Branch, site: str) -> List[Tuple[nn.Module, str]]:
         return [(core, name) for name in mlp_input_names(core)]
     if site == "mlp_hidden":
         return [(core, "fc2")]
-    raise ValueError(f"site: expected one of {SITES}, got {site!r}")
+    raise ValueError(f"site: expected one of {SITES} (attn_qk: see qk_slot), got {site!r}")
+
+
+@dataclass(frozen=True)
+class QKLayout:
+    """How an ``attn_qk`` gate maps onto the query/key dims of one attention.
+
+    ``pairs`` is None (one gate value per dim: ``heads * head_dim`` values), "interleaved"
+    (RoPE rotates dims 2j and 2j+1 together) or "half" (RoPE rotates j and j + head_dim/2):
+    then value ``h * head_dim/2 + j`` gates pair j of head h."""
+    heads: int
+    head_dim: int
+    pairs: Optional[str] = None
+
+    @property
+    def units_per_head(self) -> int:
+        return self.head_dim // 2 if self.pairs else self.head_dim
+
+    @property
+    def size(self) -> int:
+        return self.heads * self.units_per_head
+
+    def unit_dims(self, unit: int) -> Tuple[int, ...]:
+        """The dims (within its head) that gate value ``unit`` of a head scores."""
+        if self.pairs == "interleaved":
+            return (2 * unit, 2 * unit + 1)
+        if self.pairs == "half":
+            return (unit, unit + self.head_dim // 2)
+        return (unit,)
+
+    def dim_to_unit(self):
+        """For each of the ``heads * head_dim`` dims, the gate value that scores it."""
+        return [h * self.units_per_head + self._unit_of(d) for h in range(self.heads) for d in range(self.head_dim)]
+
+    def _unit_of(self, d: int) -> int:
+        if self.pairs == "interleaved":
+            return d // 2
+        if self.pairs == "half":
+            return d % (self.head_dim // 2)
+        return d
+
+    def slots(self, kept_units: Sequence[int], width: int) -> List[int]:
+        """A head's ``width`` query/key slots: the dim (within the head) each kept unit puts
+        in each slot, -1 for a zero slot, ordered so that RoPE on ``width`` dims rotates the
+        members of each kept pair together and zero slots with zero slots."""
+        kept_units = sorted(kept_units)
+        if self.pairs == "half":
+            half = width // 2
+            lows = [u for u in kept_units] + [-1] * (half - len(kept_units))
+            return lows + [u + self.head_dim // 2 if u >= 0 else -1 for u in lows]
+        dims = [d for u in kept_units for d in self.unit_dims(u)]
+        return dims + [-1] * (width - len(dims))
+
+
+def _rope_pairs(attn: nn.Module) -> Optional[str]:
+    """How RoPE pairs the head dims of this attention, None where it takes no RoPE."""
+    if hasattr(attn, "rotate_half"):  # EvaAttention, AttentionRope: RoPE comes with the call
+        return "half" if attn.rotate_half else "interleaved"
+    if isinstance(attn, SamAttention) and attn.rope is not None:
+        return "interleaved"
+    return None
+
+
+def qk_layout(branch: Branch) -> QKLayout:
+    """The ``attn_qk`` gate layout of an attention or parallel branch; a ``TypeError`` where
+    RoPE would rotate an odd head width."""
+    core = branch.module()
+    heads, width = core.num_heads, attention_head_dim(core)
+    pairs = _rope_pairs(core) if branch.kind == "attn" else None
+    if pairs and width % 2:
+        raise TypeError(f"{branch.where}: RoPE over an odd head_dim ({width}) has no rotation pairs to gate")
+    return QKLayout(heads, width, pairs)
+
+
+def qk_slot(branch: Branch) -> Tuple[nn.Module, str, Optional[int]]:
+    """Where the ``attn_qk`` gate of a branch sits: ``(parent, attribute, row offset)``. A
+    row offset says the gate scales the key rows of the linear ``parent.attribute`` from that
+    row on; None says ``parent.attribute`` is the key norm and the gate multiplies its output."""
+    core = branch.module()
+    if branch.kind not in ("attn", "parallel"):
+        raise ValueError(f"site: {QK_SITE} belongs to attention branches, not {branch.kind}")
+    if not isinstance(getattr(core, "k_norm", nn.Identity()), nn.Identity):
+        return core, "k_norm", None
+    dim = core.num_heads * attention_head_dim(core)
+    if branch.kind == "parallel":
+        return core, "in_proj", core.in_split[0] + core.in_split[1]
+    if getattr(core, "qkv", None) is not None:
+        return core, "qkv", dim
+    return core, "k_proj", 0

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import recover_directory, replace_directory, write_json
-from ._gates import SITES, add_gates, gates
+from ._gates import ALL_SITES, add_gates, gates
 from .modules import V_LAYOUTS
 from .pruning_plan import PruningPlan
 from ._prune import prune
@@ -94,8 +94,8 @@ def _fields(config: dict) -> Dict[str, Any]:
     metadata = _field(config, "metadata", lambda v: isinstance(v, dict), "an object", {})
     return dict(
         dtype=_field(config, "dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}", "float32"),
-        gated_sites=tuple(_field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in SITES for s in v),
-                                 f"a list of sites among {', '.join(SITES)}", [])),
+        gated_sites=tuple(_field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in ALL_SITES for s in v),
+                                 f"a list of sites among {', '.join(ALL_SITES)}", [])),
         fold=_field(config, "fold", lambda v: isinstance(v, bool), "true or false", True),
         # version 1 and early version 2 files hold packed values
         layout=_field(config, "layout", lambda v: v in V_LAYOUTS, f"one of {', '.join(V_LAYOUTS)}", "packed"),
@@ -133,12 +133,12 @@ def _describe(model: nn.Module) -> dict:
             raise TypeError(f"model: pruned from a model whose architecture cannot be described for "
                             f"vtp.load ({e})") from None
         base["model_args"]["drop_path_rate"] = read_drop_path_rate(model)
-        sites = sorted({n.split(".")[-1] for n in plan.kept}, key=SITES.index)
+        sites = sorted({n.split(".")[-1] for n in plan.kept}, key=ALL_SITES.index)
         base.update(gated_sites=sites, plan=plan.to_dict(), fold=model.vtp_pruned_from.fold,
                     layout=model.vtp_pruned_from.layout)
     else:
         base = describe(model)
-        sites = sorted({n.split(".")[-1] for n in gates(model)}, key=SITES.index)
+        sites = sorted({n.split(".")[-1] for n in gates(model)}, key=ALL_SITES.index)
         base.update(gated_sites=sites, plan=None)
     return base
 

@@ -17,17 +17,18 @@ whose backend switch picks Triton or PyTorch.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import RmsNorm, apply_rot_embed_cat
-from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 import vtp_kernels
 
-__all__ = ["V_LAYOUTS", "GatedLinear", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
+from .position_biases import DecomposedPositionBias, HeadsOfPositionBias, TablePositionBias
+
+__all__ = ["V_LAYOUTS", "GatedLinear", "GatedHeadNorm", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
            "PrunedParallelBlock", "ConstantBranch", "HeadsOfPositionBias", "TablePositionBias", "DecomposedPositionBias"]
 
 
@@ -46,32 +47,98 @@ class GatedLinear(_NotScriptable, nn.Linear):
     A drop-in replacement for ``nn.Linear``: same constructor, same ``weight``/``bias``
     keys, plus ``gate`` (shape ``[in_features]``, initialised to 1). Works on inputs
     with any leading dims.
+
+    It may also hold the ``attn_qk`` gate of the attention whose projection it is:
+    ``qk_gate`` scales the key rows ``[qk_offset, qk_offset + len(qk_rows))`` of the output
+    (weights and bias: N*K work, not M*N), value ``qk_rows[r]`` scaling row ``qk_offset + r``
+    (one value serves both rows of a RoPE pair). A linear holding only that gate has
+    ``gate = None``: its input is not gated.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 input_gate: bool = True):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.gate = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.ones(in_features, device=device, dtype=dtype)) if input_gate else None
+        self.register_parameter("qk_gate", None)
+        self.qk_offset = 0
+        self.register_buffer("qk_rows", None, persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, gate: Optional[nn.Parameter] = None) -> "GatedLinear":
+    def from_linear(cls, linear: nn.Linear, gate: Optional[nn.Parameter] = None,
+                    input_gate: bool = True) -> "GatedLinear":
         """Wrap an existing ``nn.Linear``; its weight and bias Parameters are reused, not copied.
 
         ``gate`` shares an existing gate Parameter (several linears reading the same input,
-        such as separate q, k and v projections, are scored by one gate)."""
+        such as separate q, k and v projections, are scored by one gate). A ``GatedLinear``
+        given here keeps its ``attn_qk`` gate and gains the input gate."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         if gate is not None and gate.shape != (linear.in_features,):
             raise ValueError(f"gate: expected shape [{linear.in_features}], got {list(gate.shape)}")
-        gated = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        gated.weight = linear.weight
-        gated.bias = linear.bias
-        gated.gate = gate if gate is not None else nn.Parameter(
-            torch.ones(linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
-        gated.train(linear.training)
+        if isinstance(linear, GatedLinear):
+            gated = linear
+        else:
+            gated = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+            gated.weight = linear.weight
+            gated.bias = linear.bias
+            gated.train(linear.training)
+        if input_gate:
+            gated.gate = gate if gate is not None else nn.Parameter(
+                torch.ones(linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype))
+        elif gated is not linear:
+            gated.gate = None
         return gated
 
+    def add_qk_gate(self, offset: int, units: int, rows: Sequence[int]) -> nn.Parameter:
+        """Give this projection an ``attn_qk`` gate of ``units`` values (at 1) scaling its
+        rows ``offset + r`` by value ``rows[r]``; returns the gate."""
+        if offset < 0 or offset + len(rows) > self.out_features:
+            raise ValueError(f"offset: rows [{offset}, {offset + len(rows)}) exceed {self.out_features} outputs")
+        w = self.weight
+        self.qk_gate = nn.Parameter(torch.ones(units, device=w.device, dtype=w.dtype))
+        self.qk_offset = int(offset)
+        self.register_buffer("qk_rows", torch.tensor(list(rows), dtype=torch.long, device=w.device),
+                             persistent=False)
+        return self.qk_gate
+
+    def _row_scaled(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        a = self.qk_gate.index_select(0, self.qk_rows)
+        before, after = self.qk_offset, self.out_features - self.qk_offset - a.numel()
+        scale = torch.cat([a.new_ones(before), a, a.new_ones(after)])
+        return self.weight * scale[:, None], (self.bias * scale if self.bias is not None else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return vtp_kernels.gated_linear(x, self.weight, self.gate, self.bias)
+        weight, bias = self._row_scaled() if self.qk_gate is not None else (self.weight, self.bias)
+        if self.gate is None:
+            return F.linear(x, weight, bias)
+        return vtp_kernels.gated_linear(x, weight, self.gate, bias)
+
+
+class GatedHeadNorm(_NotScriptable, nn.Module):
+    """A per-head key norm followed by the ``attn_qk`` gate: ``norm(k) * a`` with one value
+    of ``a`` per key dim of each head (``qk_gate[index]``: one value may serve a RoPE pair).
+
+    ``heads_first``: keys come as ``[B, heads, N, head_dim]`` (else ``[B, N, heads, head_dim]``,
+    as timm's ParallelScalingBlock normalises them)."""
+
+    def __init__(self, norm: nn.Module, heads: int, head_dim: int, units: int, index: Sequence[int],
+                 heads_first: bool = True, device=None, dtype=None):
+        super().__init__()
+        if len(index) != heads * head_dim or min(index) < 0 or max(index) >= units:
+            raise ValueError(f"index: expected {heads * head_dim} gate positions in [0, {units})")
+        self.norm = norm
+        self.heads, self.head_dim, self.heads_first = heads, head_dim, heads_first
+        self.qk_gate = nn.Parameter(torch.ones(units, device=device, dtype=dtype))
+        self.register_buffer("qk_index", torch.tensor(list(index), dtype=torch.long, device=device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.qk_gate.index_select(0, self.qk_index)
+        a = a.view(self.heads, 1, self.head_dim) if self.heads_first else a.view(self.heads, self.head_dim)
+        return self.norm(x) * a
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, gate of {self.qk_gate.numel()}"
 
 
 def _check_index(index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -181,54 +248,6 @@ class IndexedLinear(_NotScriptable, nn.Linear):
 
 
 # ---------------------------------------------------------------------------------------------
-# Position biases of the kept heads
-
-
-class HeadsOfPositionBias(nn.Module):
-    """The kept heads' rows of a timm relative-position module's bias (``get_bias()``,
-    ``[1, heads, N, N]``): the module, its parameters and its window logic stay timm's."""
-
-    def __init__(self, rel_pos: nn.Module, heads: Sequence[int]):
-        super().__init__()
-        self.rel_pos = rel_pos
-        self.register_buffer("heads", torch.as_tensor(list(heads), dtype=torch.long), persistent=False)
-
-    def forward(self, q: torch.Tensor, spatial: Optional[Tuple[int, int]]) -> torch.Tensor:
-        return self.rel_pos.get_bias().index_select(1, self.heads.to(q.device))
-
-
-class TablePositionBias(nn.Module):
-    """BEiT's relative-position bias: a learned table ``[distances, kept heads]`` looked up
-    through a fixed index of ``[tokens, tokens]``."""
-
-    def __init__(self, table: torch.Tensor, index: torch.Tensor):
-        super().__init__()
-        self.relative_position_bias_table = nn.Parameter(table.detach().clone())
-        self.register_buffer("relative_position_index", index.detach().clone(), persistent=False)
-
-    def forward(self, q: torch.Tensor, spatial: Optional[Tuple[int, int]]) -> torch.Tensor:
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return bias.permute(2, 0, 1).unsqueeze(0)
-
-
-class DecomposedPositionBias(nn.Module):
-    """SAM's decomposed relative position bias (MViTv2): computed from the queries and one
-    learned table per image axis; queries keep their full head width, so nothing is pruned."""
-
-    def __init__(self, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor):
-        super().__init__()
-        self.rel_pos_h = nn.Parameter(rel_pos_h.detach().clone())
-        self.rel_pos_w = nn.Parameter(rel_pos_w.detach().clone())
-
-    def forward(self, q: torch.Tensor, spatial: Optional[Tuple[int, int]]) -> torch.Tensor:
-        B, H, N, D = q.shape
-        bias = get_decomposed_rel_pos_bias(q.reshape(B * H, N, D), self.rel_pos_h, self.rel_pos_w,
-                                           spatial, spatial)
-        return bias.view(B, H, N, N)
-
-
-# ---------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -255,7 +274,9 @@ class _KeptHeads:
     them). Shared by ``PrunedAttention`` and ``PrunedParallelBlock``."""
 
     def _init_heads(self, head_dim: int, v_widths: Sequence[int], v_layout: str,
-                    kept_heads: Optional[Sequence[int]], dense_heads: Optional[int], device) -> None:
+                    kept_heads: Optional[Sequence[int]], dense_heads: Optional[int], device,
+                    qk_slots: Optional[Sequence[Sequence[int]]] = None, qk_full_rows: bool = False,
+                    dtype=None) -> None:
         v_widths = tuple(int(w) for w in v_widths)
         if v_layout not in V_LAYOUTS:
             raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
@@ -265,15 +286,74 @@ class _KeptHeads:
         self.num_heads = len(v_widths)
         self.head_dim = head_dim
         self.v_widths = v_widths
-        self.qk_dim = self.num_heads * head_dim
         self.v_dim = sum(v_widths)
-        self.v_rows = self.qk_dim if v_layout == "padded" else self.v_dim  # qkv's value rows
+        self.v_rows = self.num_heads * head_dim if v_layout == "padded" else self.v_dim  # qkv's value rows
+        self._init_qk(qk_slots, qk_full_rows, device, dtype)
         kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
         if len(kept_heads) != self.num_heads:
             raise ValueError(f"kept_heads: expected {self.num_heads} head indices, got {len(kept_heads)}")
         self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
         self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
                              persistent=False)
+
+    def _init_qk(self, qk_slots: Optional[Sequence[Sequence[int]]], full_rows: bool, device, dtype) -> None:
+        """Query/key widths. ``qk_slots`` (None: every head keeps its ``head_dim`` dims) gives
+        each head's slots: the dense dim (within the head) each slot holds, -1 for a zero
+        slot; every head has as many (``qk_width``), so one attention call takes them all.
+        The projection emits ``qk_width`` query and key rows per head (zero rows at zero
+        slots), or, with ``qk_full_rows`` (a q/k norm needs every dim for its statistics, or
+        a position bias reads the full queries), all ``head_dim`` of them, of which the kept
+        ones are gathered after the norm (and RoPE) and the queries scaled by ``qk_scale``
+        (the folded gate values; 0 at zero slots)."""
+        H, D = self.num_heads, self.head_dim
+        if qk_slots is None:
+            qk_slots = [list(range(D))] * H
+        qk_slots = [[int(d) for d in row] for row in qk_slots]
+        width = len(qk_slots[0]) if qk_slots else D
+        if len(qk_slots) != H or any(len(row) != width or any(d < -1 or d >= D for d in row) for row in qk_slots):
+            raise ValueError(f"qk_slots: expected {H} rows of one length, of dims in [-1, {D}), got {qk_slots}")
+        self.qk_width = width
+        self.qk_widths = tuple(sum(d >= 0 for d in row) for row in qk_slots)
+        self.qk_pruned = qk_slots != [list(range(D))] * H
+        self.qk_full_rows = bool(full_rows)
+        self.qk_dim = H * (D if self.qk_full_rows or not self.qk_pruned else width)  # q (or k) rows of the projection
+        self.register_buffer("qk_index", torch.tensor([[max(d, 0) for d in row] for row in qk_slots],
+                                                      dtype=torch.long, device=device).view(H, width), persistent=False)
+        if self.qk_full_rows:
+            mask = [[1.0 if d >= 0 else 0.0 for d in row] for row in qk_slots]
+            self.register_buffer("qk_scale", torch.tensor(mask, device=device, dtype=dtype).view(H, width))
+        else:
+            self.qk_scale = None
+
+    def _shrink_qk(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[B, H, N, head_dim]`` computed in full: their kept slots, the
+        queries scaled by ``qk_scale``."""
+        if not self.qk_full_rows:
+            return q, k
+        B, H, N, _ = q.shape
+        if not self.qk_pruned:
+            return q * self.qk_scale.to(q.dtype).view(1, H, 1, self.qk_width), k
+        index = self.qk_index.view(1, H, 1, self.qk_width).expand(B, H, N, self.qk_width)
+        q = torch.gather(q, -1, index) * self.qk_scale.to(q.dtype).view(1, H, 1, self.qk_width)
+        return q, torch.gather(k, -1, index)
+
+    def _rope_for_slots(self, rope: torch.Tensor) -> torch.Tensor:
+        """A RoPE table ``[..., N, 2 * head_dim]`` (sin | cos) for the slots of each head:
+        ``[H, N, 2 * qk_width]`` (what a zero slot gets does not matter: it rotates zeros)."""
+        if not self.qk_pruned or self.qk_full_rows:
+            return rope
+        H, W = self.num_heads, self.qk_width
+        sin, cos = rope.tensor_split(2, -1)
+        if sin.dim() == 2:
+            sin, cos = sin.unsqueeze(0), cos.unsqueeze(0)
+        n = sin.shape[-2]
+        index = self.qk_index.view(H, 1, W).expand(H, n, W)
+        sin, cos = sin.expand(H, n, sin.shape[-1]), cos.expand(H, n, cos.shape[-1])
+        return torch.cat([torch.gather(sin, -1, index), torch.gather(cos, -1, index)], dim=-1)
+
+    def _attend(self, q, k, v, bias):
+        return vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=bias,
+                                            v_padded=self.v_layout == "padded", v_head_width=self.head_dim)
 
     def value_rows(self) -> torch.Tensor:
         """Where each kept value dim sits among qkv's V rows (packed: in order; padded: the
@@ -284,15 +364,21 @@ class _KeptHeads:
 
     def _heads_repr(self) -> str:
         layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{layout}"
+        qk = ""
+        if self.qk_pruned:
+            qk = f", qk_widths={self.qk_widths} in {self.qk_width} slots"
+        if self.qk_full_rows:
+            qk += ", q/k gathered and scaled after the norm"
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{layout}{qk}"
 
 
 class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
     """Multi-head self-attention whose heads keep different numbers of value dims.
 
     ``qkv`` emits ``[Q of every head | K of every head | V packed head by head]``:
-    queries and keys keep the full ``head_dim`` (VTP never prunes them), values
-    keep ``v_widths[h]`` dims for head ``h``. ``proj`` reads the packed values.
+    queries and keys keep ``qk_width`` slots per head (``qk_slots``: the full ``head_dim``
+    unless ``attn_qk`` pruned some), values keep ``v_widths[h]`` dims for head ``h``.
+    ``proj`` reads the packed values. The softmax scale stays the dense model's.
     Takes the call signatures of timm's attention modules: ``x`` as ``[B, N, C]`` (or
     ``[B, H, W, C]`` for SAM), and optionally ``rope``, ``attn_mask`` and a bias shared
     by all blocks (``shared_rel_pos`` / ``shared_rel_pos_bias``).
@@ -313,6 +399,7 @@ class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
                           (no scatter into a padded copy); the output is packed either way
       kept_heads          the dense model's index of each kept head: a shared bias or a
                           mask given over all the dense model's heads is restricted to these
+      qk_slots, qk_full_rows   the query/key dims each head keeps (see ``_init_qk``)
     """
 
     def __init__(self, in_features: int, out_features: int, head_dim: int, v_widths: Sequence[int],
@@ -323,12 +410,13 @@ class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
                  norm: Optional[nn.Module] = None, gated: bool = False, gate_bias: bool = True,
                  in_index: Optional[torch.Tensor] = None,
                  kept_heads: Optional[Sequence[int]] = None, dense_heads: Optional[int] = None,
-                 v_layout: str = "packed", device=None, dtype=None):
+                 v_layout: str = "packed", qk_slots: Optional[Sequence[Sequence[int]]] = None,
+                 qk_full_rows: bool = False, device=None, dtype=None):
         super().__init__()
         v_widths = tuple(int(w) for w in v_widths)
         if not v_widths or min(v_widths) < 1:
             raise ValueError(f"v_widths: expected one positive width per kept head, got {v_widths}")
-        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device)
+        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device, qk_slots, qk_full_rows, dtype)
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.rope_prefix_tokens = rope_prefix_tokens
         self.rotate_half = rotate_half
@@ -369,14 +457,16 @@ class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
         if self.in_index is not None:
             x = x.index_select(-1, self.in_index)
         qkv = self.qkv(x)
-        q = qkv[..., : self.qk_dim].view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k = qkv[..., self.qk_dim: 2 * self.qk_dim].view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        rows = self.qk_dim // self.num_heads
+        q = qkv[..., : self.qk_dim].view(B, N, self.num_heads, rows).transpose(1, 2)
+        k = qkv[..., self.qk_dim: 2 * self.qk_dim].view(B, N, self.num_heads, rows).transpose(1, 2)
         v = qkv[..., 2 * self.qk_dim:]
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             rope = self.rope.get_embed()
         if rope is not None and self.rope_prefix_tokens is not None:
             rope = _select_heads(rope, self.kept_heads, self.dense_heads)  # per-head RoPE (mixed)
+            rope = self._rope_for_slots(rope)
             q, k = self._rotate(q, rope), self._rotate(k, rope)
 
         bias = None
@@ -385,8 +475,8 @@ class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
             term = _additive(_select_heads(term, self.kept_heads, self.dense_heads), q.dtype)
             if term is not None:
                 bias = term if bias is None else bias + term
-        out = self.norm(vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=bias,
-                                                     v_padded=self.v_layout == "padded"))
+        q, k = self._shrink_qk(q, k)
+        out = self.norm(self._attend(q, k, v, bias))
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()
         out = self.proj_drop(self.proj(out))
@@ -411,9 +501,10 @@ class PrunedParallelBlock(_KeptHeads, _NotScriptable, nn.Module):
                  q_norm: Optional[nn.Module], k_norm: Optional[nn.Module], mlp_act: nn.Module,
                  mlp_drop: float, ls: nn.Module, drop_path: nn.Module, scale: float,
                  v_layout: str = "packed", kept_heads: Optional[Sequence[int]] = None,
-                 dense_heads: Optional[int] = None, device=None, dtype=None):
+                 dense_heads: Optional[int] = None, qk_slots: Optional[Sequence[Sequence[int]]] = None,
+                 qk_full_rows: bool = False, device=None, dtype=None):
         super().__init__()
-        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device)
+        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device, qk_slots, qk_full_rows, dtype)
         dd = {"device": device, "dtype": dtype}
         self.mlp_hidden = mlp_hidden
         self.scale = scale
@@ -443,11 +534,11 @@ class PrunedParallelBlock(_KeptHeads, _NotScriptable, nn.Module):
                 x_mlp = x_mlp + self.mlp_bias
             y = y + self.mlp_out_proj(self.mlp_drop(self.mlp_act(x_mlp)))
         if self.attn_out_proj is not None:
-            q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
-            k = self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+            rows = self.qk_dim // self.num_heads
+            q = self.q_norm(q.view(B, N, self.num_heads, rows)).transpose(1, 2)
+            k = self.k_norm(k.view(B, N, self.num_heads, rows)).transpose(1, 2)
             mask = _additive(_select_heads(attn_mask, self.kept_heads, self.dense_heads), q.dtype)
-            out = vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=mask,
-                                               v_padded=self.v_layout == "padded")
+            out = self._attend(*self._shrink_qk(q, k), v, mask)
             y = y + self.attn_out_proj(out)
         if y.dim() == 1:  # every part constant: a layer scale may work in place
             y = y.expand_as(x).contiguous()

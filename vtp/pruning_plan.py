@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch.nn as nn
 
-from .architectures import SITES, head_dim as model_head_dim, parse_gate_name
+from .architectures import ALL_SITES, QK_SITE, SITES, head_dim as model_head_dim, parse_gate_name
 from .atomic import write_text
 from ._gates import require_gates
 
@@ -81,9 +81,10 @@ class PruningPlan:
             block, branch, site = parse_gate_name(name)
             label = f"{block}" if branch is None else f"{block}.{branch}"
             rows.setdefault(label, {})[site] = f"{len(self.kept[name]):>6} / {self.sizes[name]:<5}"
-        lines = [f"{'block':>5}  " + "  ".join(f"{s:>14}" for s in SITES)]
+        sites = ALL_SITES if any(n.endswith("." + QK_SITE) for n in self.kept) else SITES
+        lines = [f"{'block':>5}  " + "  ".join(f"{s:>14}" for s in sites)]
         for label, cells in rows.items():
-            lines.append(f"{label:>5}  " + "  ".join(cells.get(s, f"{'-':>14}") for s in SITES))
+            lines.append(f"{label:>5}  " + "  ".join(cells.get(s, f"{'-':>14}") for s in sites))
         lines.append(f"kept {self.num_kept} of {self.total} gated dims ({100 * self.pruned_ratio:.1f} % pruned)")
         return "\n".join(lines)
 

@@ -76,8 +76,9 @@ def _source_flag(what: str) -> Callable[[argparse.ArgumentParser], None]:
 
 
 def _sites_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sites", nargs="+", default=list(vtp.SITES), choices=list(vtp.SITES),
-                   help="which linear inputs of each block get gates")
+    p.add_argument("--sites", nargs="+", default=list(vtp.SITES), choices=list(vtp.ALL_SITES),
+                   help="which linear inputs of each block get gates (default: the paper's four; "
+                        "attn_qk also scores each query/key dim of each head)")
 
 
 def _prune_extra_flags(p: argparse.ArgumentParser) -> None:
