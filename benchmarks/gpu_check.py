@@ -587,12 +587,14 @@ def step_pruned(step: Step) -> None:
 def step_latency_target(step: Step) -> None:
     """DeiT-B's latency table at batch 256 in bf16 on this GPU, a plan to LATENCY_TARGET, the
     pruned model timed against the dense one (latency_check.target_check). --smoke: the tiny
-    ViT at batch 2 in fp32 on the CPU."""
+    ViT at batch 2 in fp32 on the CPU, planned to 0.9."""
     torch = step.torch
     latency_check.target_check(
         torch, step.device, model=bench_model.SMOKE_MODEL if step.smoke else MODEL, smoke=step.smoke,
         batch=2 if step.smoke else LATENCY_BATCH, amp=torch.float32 if step.smoke else torch.bfloat16,
-        target=LATENCY_TARGET, compile_backend=step.compile_backend, record=step.record, save=step.save)
+        # The tiny ViT's patch embedding and head are about half its time: 0.5 can be out of reach.
+        target=0.9 if step.smoke else LATENCY_TARGET, compile_backend=step.compile_backend, record=step.record,
+        save=step.save)
 
 if __name__ == "__main__":
     main()

@@ -183,9 +183,10 @@ def model_widths(model: nn.Module) -> Tuple[BlockWidths, ...]:
         if isinstance(attn, ConstantBranch):
             a = BlockWidths(0, (), (), (), 0, 0)
         elif isinstance(attn, PrunedAttention):
-            if attn.in_index is not None or attn.gate is not None or not isinstance(attn.norm, nn.Identity):
+            if (attn.in_index is not None or attn.gate is not None or not isinstance(attn.norm, nn.Identity)
+                    or attn.qk_full_rows):
                 raise TypeError(f"{where}.attn: latency tables cover PrunedAttention without in_index, "
-                                "output gate or output norm")
+                                "output gate, output norm or q/k norm")
             qk = attn.qk_dim // attn.num_heads  # queries and keys: one width for all heads of a block
             v_run = max(attn.head_dim, max(attn.v_widths))  # attention runs V padded to the head width
             a = BlockWidths(attn.qkv.in_features, (qk,) * attn.num_heads, (v_run,) * attn.num_heads,

@@ -30,7 +30,7 @@ def test_smoke_record_covers_every_method_budget_and_setting(bench, tmp_path, ca
     runs = written["runs"]
     keys = {(r["dataset"], r["budget"], r["method"], r["distill"]) for r in runs}
     assert keys == {(d, b, m, k) for d in ("mnist", "digits") for b in (0.7, 0.4)
-                    for m in ("vtp", "magnitude", "random", "scratch") for k in (False, True)}
+                    for m in ("vtp", "vtp_qk", "magnitude", "random", "scratch") for k in (False, True)}
     for r in runs:
         assert r["macs_ratio"] <= r["budget"] + 1e-9 and 0 <= r["acc"] <= 1
     # the scratch baseline has VTP's shape
@@ -41,4 +41,4 @@ def test_smoke_record_covers_every_method_budget_and_setting(bench, tmp_path, ca
     # a second start with the same settings trains nothing again
     again = bench.main(argv)
     assert again["runs"] == runs
-    assert "resuming, 32 fine-tunings already done" in capsys.readouterr().out
+    assert "resuming, 40 fine-tunings already done" in capsys.readouterr().out

@@ -292,5 +292,8 @@ def test_packed_attention_takes_queries_and_keys_of_another_width(qk_width, v_pa
     got = vtp_kernels.packed_attention(q, k, v, widths, scale, attn_bias=bias, v_padded=v_padded,
                                        v_head_width=width)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="v_head_width: expected a positive integer"):
-        vtp_kernels.packed_attention(q, k, v, widths, scale, v_padded=v_padded, v_head_width=0)
+    with pytest.raises(ValueError, match="v_head_width: expected an int >= 0"):
+        vtp_kernels.packed_attention(q, k, v, widths, scale, v_padded=v_padded, v_head_width=-1)
+    if v_padded:  # a padded V narrower than its widths
+        with pytest.raises(ValueError, match="v_widths: a padded V holds at most 0 values per head"):
+            vtp_kernels.packed_attention(q, k, v, widths, scale, v_padded=True, v_head_width=0)

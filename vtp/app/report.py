@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from vtp import SITES
+from vtp import ALL_SITES
 from vtp.atomic import write_text
 
 from .metrics import read_metrics
@@ -130,39 +130,45 @@ def _pyplot():
     return plt
 
 
+def _sites_of(names) -> List[str]:
+    """The gate sites among ``names`` (gate names), in ``vtp.ALL_SITES`` order."""
+    return [s for s in ALL_SITES if any(n.endswith("." + s) for n in names)]
+
+
 def _kept_grid(plan: Dict[str, Any]):
+    sites = _sites_of(plan["sizes"])
     blocks = sorted({int(name.split(".")[1]) for name in plan["sizes"]})
     kept = [[len(plan["kept"].get(f"blocks.{b}.{s}", [])) if f"blocks.{b}.{s}" in plan["sizes"] else None
-             for s in SITES] for b in blocks]
-    sizes = [[plan["sizes"].get(f"blocks.{b}.{s}") for s in SITES] for b in blocks]
-    return blocks, kept, sizes
+             for s in sites] for b in blocks]
+    sizes = [[plan["sizes"].get(f"blocks.{b}.{s}") for s in sites] for b in blocks]
+    return sites, blocks, kept, sizes
 
 
 def plot_kept(plan: Dict[str, Any], path: str) -> None:
     """Heatmap of kept share (annotated kept/size) and grouped bars of kept counts."""
     plt = _pyplot()
-    blocks, kept, sizes = _kept_grid(plan)
+    sites, blocks, kept, sizes = _kept_grid(plan)
     share = np.array([[k / s if (k is not None and s) else np.nan for k, s in zip(kr, sr)]
                       for kr, sr in zip(kept, sizes)])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3.0, 0.35 * len(blocks) + 1.5)),
                                    gridspec_kw={"width_ratios": [1, 1.6]})
     im = ax1.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax1.set_xticks(range(len(SITES)), SITES, rotation=30, ha="right")
+    ax1.set_xticks(range(len(sites)), sites, rotation=30, ha="right")
     ax1.set_yticks(range(len(blocks)), [str(b) for b in blocks])
     ax1.set_ylabel("block")
     ax1.set_title("kept share per block and site")
     if len(blocks) <= 24:
         for i in range(len(blocks)):
-            for j in range(len(SITES)):
+            for j in range(len(sites)):
                 if kept[i][j] is not None:
                     ax1.text(j, i, f"{kept[i][j]}/{sizes[i][j]}", ha="center", va="center",
                              fontsize=7, color="white" if share[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=ax1, fraction=0.05)
-    width = 0.8 / len(SITES)
+    width = 0.8 / len(sites)
     x = np.arange(len(blocks))
-    for j, site in enumerate(SITES):
+    for j, site in enumerate(sites):
         counts = [k[j] if k[j] is not None else 0 for k in kept]
-        ax2.bar(x + (j - 1.5) * width, counts, width, label=site)
+        ax2.bar(x + (j - (len(sites) - 1) / 2) * width, counts, width, label=site)
     ax2.set_xticks(x, [str(b) for b in blocks])
     ax2.set_xlabel("block")
     ax2.set_ylabel("kept dimensions")
@@ -179,7 +185,7 @@ def plot_gate_hist(gates: Dict[str, List[float]], plan: Optional[Dict[str, Any]]
     """Histogram of |gate| per site on a log axis; the line marks the smallest kept value."""
     plt = _pyplot()
     values = {s: np.abs(np.concatenate([np.asarray(v, dtype=np.float64) for n, v in gates.items()
-                                        if n.endswith("." + s)] or [np.zeros(0)])) for s in SITES}
+                                        if n.endswith("." + s)] or [np.zeros(0)])) for s in _sites_of(gates)}
     everything = np.concatenate(list(values.values()))
     positive = everything[everything > 0]
     floor = positive.min() / 2 if positive.size else 1e-8
@@ -187,8 +193,8 @@ def plot_gate_hist(gates: Dict[str, List[float]], plan: Optional[Dict[str, Any]]
     floor = min(floor, top / 1e3)  # at least three decades, so the scale reads at a glance
     bins = np.logspace(math.log10(floor), math.log10(top * 1.05), 60)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    data = [np.clip(values[s], floor, None) for s in SITES if values[s].size]
-    labels = [s for s in SITES if values[s].size]
+    data = [np.clip(values[s], floor, None) for s in values if values[s].size]
+    labels = [s for s in values if values[s].size]
     ax.hist(data, bins=bins, stacked=True, label=labels)
     ax.set_xscale("log")
     ax.set_xlabel("|gate| at pruning time (zeros drawn at the left edge)")
