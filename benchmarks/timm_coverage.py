@@ -9,6 +9,8 @@ plan removing half the gated dims, physical pruning, and then
 
 * ``exact``: the pruned model equals the gated model with its pruned gates at zero
   (float64, eval mode), with folding on and off;
+* ``macs``: the planner's analytic MAC count (vtp/_macs.py) of that plan, and of a
+  ``flops_target=0.5`` plan, equals ``vtp.profile`` of the pruned model;
 * ``saved``: ``vtp.save`` + ``vtp.load`` give back the same outputs, bit for bit.
 
 Each architecture ends ``ok``, ``refused`` (a TypeError that names what VTP does not handle),
@@ -44,6 +46,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vtp  # noqa: E402
+from vtp._macs import MacCounter  # noqa: E402
 from vtp.architectures import QK_SITE, branches, head_dim as model_head_dim, qk_layout  # noqa: E402
 from vtp.app.tables import format_table  # noqa: E402
 from vtp.atomic import write_json  # noqa: E402
@@ -167,6 +170,14 @@ def check(name: str, tmp: str, sites=vtp.SITES) -> dict:
     if not worst <= 1e-9:
         return {**result, "status": "mismatch", "stage": "prune",
                 "message": f"pruned != masked gated model (max relative error {worst:.3g})"}
+    # The planner's analytic MAC count must be the profile of what it plans.
+    flops_plan = vtp.plan(model, flops_target=0.5)
+    for what, candidate in (("ratio plan", plan), ("flops_target plan", flops_plan)):
+        counted = MacCounter(model)(candidate.kept)
+        profiled = vtp.profile(vtp.prune(model, candidate)).macs
+        if counted != profiled:
+            return {**result, "status": "mismatch", "stage": "macs",
+                    "message": f"{what}: analytic MACs {counted} != profile of the pruned model {profiled}"}
     try:
         vtp.save(pruned, os.path.join(tmp, name))
     except TypeError as e:

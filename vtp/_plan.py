@@ -2,13 +2,12 @@
 
 One global threshold over every gate (the paper's rule), the same share in every gate, or
 the fewest removals that fit a FLOPs budget; then per-gate rounding and minimum counts.
-The MACs of a candidate are those of the candidate model itself: it is pruned on the meta
-device (no weights, no arithmetic) and profiled.
+The MACs of a candidate are counted from its kept widths (vtp/_macs.py): exactly the profile
+of the candidate model, without pruning it.
 """
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Dict, List, Optional
 
@@ -19,6 +18,7 @@ from .architectures import QK_SITE, branches, head_dim as model_head_dim, qk_lay
 from ._gates import check_supported, require_gates
 from .pruning_plan import PruningPlan
 from ._profile import profile
+from ._macs import MacCounter
 from ._prune import prune, structure_copy
 from ._latency import check_device
 from ._latency_plan import fit_latency
@@ -32,25 +32,46 @@ __all__ = ["plan", "check_plan_args", "plan_macs", "DEFAULT_ROUND_TO"]
 DEFAULT_ROUND_TO = 8
 
 
-def _keep_top(scores: torch.Tensor, count: int) -> List[int]:
-    """Indices of the ``count`` highest scores, sorted; ties go to the lower index."""
-    if count <= 0:
-        return []
-    order = torch.sort(-scores, stable=True).indices[:count]
-    return sorted(order.tolist())
+class _Ranking:
+    """The scores sorted once, globally and per gate: a FLOPs search asks for many cuts of
+    the same order. Ties go to the lower index (stable sorts)."""
 
+    def __init__(self, scores: Dict[str, torch.Tensor], names: List[str]):
+        self.names = names
+        self.flat = torch.cat([scores[n] for n in names])
+        self.owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
+        self.order = torch.sort(self.flat, stable=True).indices
+        self.best = {n: torch.sort(-scores[n], stable=True).indices for n in names}
+        self._units: Dict[tuple, List[torch.Tensor]] = {}
 
-def _round_heads(scores: torch.Tensor, kept: List[int], head_dim: int, round_to: int) -> List[int]:
-    """Round every non-zero head width of an ``attn_out`` selection up to ``round_to``,
-    adding the head's best-scoring dims, never past ``head_dim``."""
-    if round_to == 1:
-        return kept
-    out: List[int] = []
-    for h in range(scores.numel() // head_dim):
-        width = sum(1 for i in kept if i // head_dim == h)
-        width = _adjust(width, head_dim, round_to, 0)
-        out += [h * head_dim + i for i in _keep_top(scores[h * head_dim:(h + 1) * head_dim], width)]
-    return out
+    def counts(self, n_remove: int):
+        """Per-gate kept counts when the ``n_remove`` lowest scores of the whole model go,
+        and the threshold (the highest score removed)."""
+        removed = torch.bincount(self.owner[self.order[:n_remove]], minlength=len(self.names))
+        counts = {n: self.best[n].numel() - int(removed[i]) for i, n in enumerate(self.names)}
+        threshold = float(self.flat[self.order[n_remove - 1]]) if n_remove > 0 else None
+        return counts, threshold
+
+    def top(self, name: str, count: int) -> List[int]:
+        """Indices of the gate's ``count`` highest scores, sorted."""
+        return sorted(self.best[name][:max(count, 0)].tolist())
+
+    def round_units(self, name: str, kept: List[int], unit: int, round_to: int) -> List[int]:
+        """Round every non-zero count of kept dims per ``unit`` consecutive dims (a head) up
+        to ``round_to``, adding the unit's best-scoring dims, never past ``unit``."""
+        if round_to == 1:
+            return kept
+        if (name, unit) not in self._units:
+            best = self.best[name]
+            self._units[name, unit] = [best[best // unit == h] - h * unit for h in range(best.numel() // unit)]
+        widths = [0] * len(self._units[name, unit])
+        for i in kept:
+            widths[i // unit] += 1
+        out: List[int] = []
+        for h, order in enumerate(self._units[name, unit]):
+            width = _adjust(widths[h], unit, round_to, 0)
+            out += [h * unit + i for i in sorted(order[:width].tolist())]
+        return out
 
 
 def _adjust(count: int, size: int, round_to: int, min_keep: int) -> int:
@@ -153,19 +174,21 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     rule = {"scope": scope, "round_to": round_to, "min_keep": min_keep}
     qk_heads = _qk_heads(model, names)
 
+    ranking = _Ranking(scores, names)
+
     def finish(counts: Dict[str, int]) -> Dict[str, List[int]]:
         kept = {}
         for n in names:
             if n.endswith(".attn_out"):
                 # What the attention kernels see is each head's value width: round those.
-                idx = _keep_top(scores[n], _adjust(counts[n], sizes[n], 1, min_keep))
-                kept[n] = _round_heads(scores[n], idx, head_dim, round_to)
+                idx = ranking.top(n, _adjust(counts[n], sizes[n], 1, min_keep))
+                kept[n] = ranking.round_units(n, idx, head_dim, round_to)
             elif n in qk_heads:  # ... and each head's query/key width
                 units, per_unit = qk_heads[n]
-                idx = _keep_top(scores[n], _adjust(counts[n], sizes[n], 1, min_keep))
-                kept[n] = _round_heads(scores[n], idx, units, -(-round_to // per_unit))
+                idx = ranking.top(n, _adjust(counts[n], sizes[n], 1, min_keep))
+                kept[n] = ranking.round_units(n, idx, units, -(-round_to // per_unit))
             else:
-                kept[n] = _keep_top(scores[n], _adjust(counts[n], sizes[n], round_to, min_keep))
+                kept[n] = ranking.top(n, _adjust(counts[n], sizes[n], round_to, min_keep))
         return kept
 
     if ratio is not None:
@@ -173,7 +196,7 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
         if scope == "layer":
             kept = finish({n: sizes[n] - math.floor(ratio * sizes[n]) for n in names})
         else:
-            counts, threshold = _global_counts(scores, names, math.floor(ratio * sum(sizes.values())))
+            counts, threshold = ranking.counts(math.floor(ratio * sum(sizes.values())))
             rule["threshold"] = threshold
             kept = finish(counts)
     elif latency_target is not None:
@@ -182,7 +205,7 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
                            dtype=dtype, threads=threads, img_size=img_size, table=table)
     else:
         rule["flops_target"] = float(flops_target)
-        kept = _fit_flops(model, scores, names, sizes, head_dim, flops_target, finish, rule, img_size)
+        kept = _fit_flops(model, ranking, sizes, flops_target, finish, rule, img_size)
     return PruningPlan(kept=kept, sizes=sizes, head_dim=head_dim, rule=rule)
 
 
@@ -201,42 +224,27 @@ def _check_scores(scores, found: Dict[str, nn.Parameter]) -> Dict[str, torch.Ten
     return out
 
 
-def _global_counts(scores, names, n_remove):
-    """Per-gate kept counts when the ``n_remove`` lowest scores of the whole model go."""
-    flat = torch.cat([scores[n] for n in names])
-    owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
-    order = torch.sort(flat, stable=True).indices
-    removed = torch.bincount(owner[order[:n_remove]], minlength=len(names))
-    counts = {n: scores[n].numel() - int(removed[i]) for i, n in enumerate(names)}
-    threshold = float(flat[order[n_remove - 1]]) if n_remove > 0 else None
-    return counts, threshold
-
-
 def plan_macs(model: nn.Module, kept: Dict[str, List[int]], head_dim: int, img_size=None) -> int:
     """MACs per image of ``model`` pruned to ``kept``: the profile of that pruned model, built
-    on the meta device."""
-    return _plan_macs(structure_copy(model), kept, head_dim, img_size)
-
-
-def _plan_macs(meta_model: nn.Module, kept: Dict[str, List[int]], head_dim: int, img_size) -> int:
+    on the meta device (the reference the planner's analytic count is tested against)."""
+    meta_model = structure_copy(model)
     sizes = {name: gate.numel() for name, gate in require_gates(meta_model).items()}
     candidate = PruningPlan(kept={k: list(v) for k, v in kept.items()}, sizes=sizes, head_dim=head_dim)
     return profile(prune(meta_model, candidate), img_size).macs
 
 
-def _fit_flops(model, scores, names, sizes, head_dim, target, finish, rule, img_size):
-    dense = profile(model, img_size).macs
+def _fit_flops(model, ranking, sizes, target, finish, rule, img_size):
+    count = MacCounter(model, img_size)
+    dense = count.dense
     budget = target * dense
-    meta_model = structure_copy(model)
 
     @functools.lru_cache(maxsize=None)
     def evaluate(n_remove):
-        """(kept, threshold, MACs) when the ``n_remove`` lowest scores go; each candidate is
-        pruned on the meta device and profiled once (the answer is usually one the search
-        has already measured)."""
-        counts, threshold = _global_counts(scores, names, n_remove)
+        """(kept, threshold, MACs) when the ``n_remove`` lowest scores go (the answer is
+        usually one the search has already counted)."""
+        counts, threshold = ranking.counts(n_remove)
         kept = finish(counts)
-        return kept, threshold, _plan_macs(meta_model, kept, head_dim, img_size)
+        return kept, threshold, count(kept)
 
     # MACs never grow as more dims are removed, so binary-search the fewest removals that fit.
     lo, hi = 0, sum(sizes.values())

@@ -117,7 +117,7 @@ def _embed(model: nn.Module) -> nn.Module:
     return embed
 
 
-def _attention_dims(m: nn.Module) -> Tuple[int, int]:
+def attention_dims(m: nn.Module) -> Tuple[int, int]:
     """(kept query/key width, value width) of an attention module, summed over its heads."""
     if isinstance(m, (PrunedAttention, PrunedParallelBlock)):
         return sum(m.qk_widths), m.v_dim
@@ -138,7 +138,9 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     zeros = {"linear": 0, "attention": 0}  # work on zeros a layout adds: executed, not kept
 
     def linear_hook(m: nn.Linear, inputs, output):
-        total[0] += inputs[0].numel() // m.in_features * m.in_features * m.out_features
+        # An IndexedLinear reads the kept columns of a wider input: count what it multiplies.
+        rows = inputs[0].numel() // getattr(m, "full_width", m.in_features)
+        total[0] += rows * m.in_features * m.out_features
 
     def conv_hook(m: nn.Conv2d, inputs, output):
         k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
@@ -147,7 +149,7 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
     def attention_hook(m: nn.Module, inputs, output):
         # [B, N, C], or [B, H, W, C] (SAM; windows are batched)
         batch, tokens = inputs[0].shape[0], inputs[0][0, ..., 0].numel()
-        qk, v = _attention_dims(m)
+        qk, v = attention_dims(m)
         total[0] += batch * tokens * tokens * (qk + v)
         if isinstance(m, (PrunedAttention, PrunedParallelBlock)) and m.v_dim:
             projection = m.qkv if isinstance(m, PrunedAttention) else m.in_proj

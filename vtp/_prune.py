@@ -189,7 +189,7 @@ def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return t[rows.clamp(min=0)] * keep
 
 
-def _needs_full_qk(core: nn.Module, norm_slot: bool) -> bool:
+def needs_full_qk(core: nn.Module, norm_slot: bool) -> bool:
     """Whether the queries and keys must be computed at full width: a q/k norm takes its
     statistics over every dim, SAM's decomposed position bias reads every query dim."""
     if norm_slot or not isinstance(getattr(core, "q_norm", nn.Identity()), nn.Identity):
@@ -443,7 +443,7 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> Non
         live, widths, qk_rows = _live_heads(kept_out, parts.heads, head_dim)
     device = parts.proj.weight.device
     v_rows = v_rows.to(device)
-    qk = _QKPlan(branch, live, kept_qk, g_qk, _needs_full_qk(attn, norm_slot) and qk_holder is not None, qk_rows)
+    qk = _QKPlan(branch, live, kept_qk, g_qk, needs_full_qk(attn, norm_slot) and qk_holder is not None, qk_rows)
     new = PrunedAttention(
         width if in_index is not None else kept_in.numel(), parts.proj.out_features, head_dim, widths,
         qkv_bias=parts.biases is not None, proj_bias=parts.proj.bias is not None, q_norm=getattr(attn, "q_norm", None),
@@ -491,7 +491,7 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.M
     norm_slot = qk_holder is not None and qk_slot(branch)[2] is None
     k_norm = qk_holder.norm if norm_slot else block.k_norm
     kept_qk, g_qk = gates[QK_SITE]
-    qk_plan = _QKPlan(branch, live, kept_qk, g_qk, _needs_full_qk(block, norm_slot) and qk_holder is not None, qk)
+    qk_plan = _QKPlan(branch, live, kept_qk, g_qk, needs_full_qk(block, norm_slot) and qk_holder is not None, qk)
     width = w.shape[1]
     narrowed = 0 < kept_in.numel() < width
     new = PrunedParallelBlock(
