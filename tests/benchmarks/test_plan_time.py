@@ -1,0 +1,17 @@
+"""benchmarks/plan_time.py --smoke: the planner's timing record has every run, first apart."""
+import importlib.util
+import json
+import os
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "plan_time.py")
+
+
+def test_smoke_record(tmp_path):
+    spec = importlib.util.spec_from_file_location("plan_time", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.main(["--smoke", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "plan_time_smoke.json").read_text()) == json.loads(json.dumps(record))
+    (r,) = record["results"]
+    assert len(r["seconds"]) == 2 and r["first_s"] == r["seconds"][0] and r["median_later_s"] == r["seconds"][1]
+    assert 0 < r["kept_dims_share"] <= 1 and {"torch", "timm"} <= set(record["versions"])
