@@ -1,22 +1,15 @@
 """benchmarks/accuracy_vs_macs.py --smoke: every method, budget and distillation setting on
 both datasets ends in the record, within its MAC budget, and a restart resumes."""
-import importlib.util
 import json
-import os
 
 import pytest
+from scripts import load_script
 
 pytest.importorskip("sklearn")
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "accuracy_vs_macs.py")
-
-
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("accuracy_vs_macs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/accuracy_vs_macs.py")
 
 
 def test_smoke_record_covers_every_method_budget_and_setting(bench, tmp_path, capsys):

@@ -2,22 +2,16 @@
 complete records, and rewrite them after every measurement; the shared benchmark helpers
 write whole files and run processes under a time limit."""
 import importlib
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_model.py")
-
+from scripts import BENCHMARKS, load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_model", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_model.py")
 
 
 def test_smoke_eager_record(bench, tmp_path, monkeypatch):
@@ -61,20 +55,16 @@ def test_smoke_compiled_inference(bench, tmp_path):
 # ---------------------------------------------------------------------------------------
 # bench_gated_training.py and the pieces the benchmarks share (benchmarks/harness/)
 # ---------------------------------------------------------------------------------------
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def _harness(name):
     """benchmarks/harness/<name>.py, imported as the scripts import it."""
-    if os.path.abspath(BENCHMARKS) not in map(os.path.abspath, sys.path):
-        sys.path.insert(0, os.path.abspath(BENCHMARKS))
+    if str(BENCHMARKS) not in map(os.path.abspath, sys.path):
+        sys.path.insert(0, str(BENCHMARKS))
     return importlib.import_module(f"harness.{name}")
 
 

@@ -1,20 +1,13 @@
 """benchmarks/bench_pruned_cpu.py --smoke writes a whole record (times, MAC ratios, plot), and
 --profile adds each model's operator times."""
-import importlib.util
 import json
-import os
 
 import pytest
-
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_pruned_cpu.py")
-
+from scripts import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_pruned_cpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_pruned_cpu.py")
 
 
 def test_smoke_record(bench, tmp_path):

@@ -1,18 +1,11 @@
 """benchmarks/bench_qk_attention.py: its --smoke run writes both records with what they must hold."""
-import importlib.util
 import json
-import os
 
 import pytest
-
-PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_qk_attention.py")
-
+from scripts import load_script
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_qk_attention", PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("benchmarks/bench_qk_attention.py")
 
 
 def test_smoke_records(tmp_path):

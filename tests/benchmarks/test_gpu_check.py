@@ -2,7 +2,6 @@
 runner gives each step a time limit inside the budget, skips and packs (checked with a
 stand-in interpreter, since it needs a GPU); benchmarks/decide.py applies the rule that
 fills FASTER_ON_CUDA, here to a synthetic record."""
-import importlib.util
 import json
 import os
 import sys
@@ -11,15 +10,13 @@ import tarfile
 import pytest
 
 import vtp_kernels.backend as backend
+from scripts import load_script
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 @pytest.fixture(scope="module")

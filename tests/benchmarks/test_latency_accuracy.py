@@ -1,21 +1,14 @@
 """benchmarks/latency_accuracy.py --smoke: the latency plan and the FLOPs plan matched to its
 measured latency are both fine-tuned and tested, the bisection's steps and every raw time are
 kept, and a restart resumes. Structure only: which plan keeps more is the full run's to say."""
-import importlib.util
 import json
-import os
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "latency_accuracy.py")
-
+from scripts import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("latency_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/latency_accuracy.py")
 
 
 def test_smoke_record_compares_both_plans_and_resumes(bench, tmp_path, capsys):

@@ -1,20 +1,13 @@
 """benchmarks/latency_check.py --smoke: the record holds every plan's prediction, raw times and
 both errors, and the two pictures are written (no claim on how close: a tiny ViT is all overhead)."""
-import importlib.util
 import json
-import os
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "latency_check.py")
-
+from scripts import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("latency_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/latency_check.py")
 
 
 def test_smoke_record_holds_predictions_raw_times_and_errors(bench, tmp_path):

@@ -2,21 +2,14 @@
 plan's prediction and, measured in the same interleaved group, its FLOPs-plan and uniform
 twins of the same MACs; the record keeps every raw time and the table's key; the three
 pictures are written. Structure only: a tiny ViT's times say nothing about speed."""
-import importlib.util
 import json
-import os
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "latency_target_cpu.py")
-
+from scripts import load_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("latency_target_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/latency_target_cpu.py")
 
 
 def test_smoke_record_holds_every_case_with_its_twins_and_raw_times(bench, tmp_path):

@@ -1,15 +1,9 @@
 """benchmarks/plan_time.py --smoke: the planner's timing record has every run, first apart."""
-import importlib.util
 import json
-import os
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "plan_time.py")
-
+from scripts import load_script
 
 def test_smoke_record(tmp_path):
-    spec = importlib.util.spec_from_file_location("plan_time", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/plan_time.py")
     record = bench.main(["--smoke", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "plan_time_smoke.json").read_text()) == json.loads(json.dumps(record))
     (r,) = record["results"]

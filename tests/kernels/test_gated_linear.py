@@ -12,10 +12,8 @@ Tolerances are ``max |out - ref| <= tol * max |ref|`` per tensor:
   fp32, and the output is rounded to fp16 (2**-12 of the largest value): ~5e-4 at most.
 """
 import importlib
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,13 +23,13 @@ import vtp_kernels.backend as backend
 from layouts import describe, layouts_for, with_layout
 from vtp_kernels import reference
 from vtp_kernels._utils import poison_outputs
+from scripts import load_script
 
 # The public op, held before its kernel module is imported: see
 # test_public_op_survives_kernel_import.
 gated_linear = vtp_kernels.gated_linear
 kernels = importlib.import_module("vtp_kernels._gated_linear")
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3}
 
 
@@ -313,9 +311,7 @@ def test_custom_op_schema():
 
 
 def test_benchmark_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gated_linear", ROOT / "benchmarks" / "bench_gated_linear.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_gated_linear.py")
     bench.main(["--smoke", "--out", str(tmp_path), "--name", "smoke", "--repeats", "1",
                 "--methods", "linear,folded,triton"])
     record = json.loads((tmp_path / "smoke.json").read_text())

@@ -4,7 +4,6 @@ The reference always runs in fp32 on the (upcast) inputs the kernel saw, so for 
 comparison measures the kernel's error, not the reference's.
 """
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import vtp_kernels
 from layouts import layouts_for, with_layout
 from vtp_kernels import reference
 from vtp_kernels._utils import poison_outputs
+from scripts import load_script
 
 # Held before any kernel module is imported: see test_public_op_survives_kernel_import.
 layer_norm_gather = vtp_kernels.layer_norm_gather
@@ -206,14 +206,8 @@ def test_public_op_survives_kernel_import():
 
 
 # --- the benchmark script's CPU smoke mode ---------------------------------------------
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_layer_norm_gather.py")
-
-
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_layer_norm_gather", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_layer_norm_gather.py")
 
 
 def test_bench_smoke_writes_record(tmp_path):

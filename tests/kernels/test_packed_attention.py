@@ -5,9 +5,8 @@ output ``[B, N, 2*H*D + sum(v_widths)]`` with q, k and v as strided views of it.
 reference runs in float32 on upcast copies of the same values; the reference itself is
 checked against an explicit per-head softmax loop.
 """
-import importlib.util
+import importlib
 import json
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import vtp_kernels
 from layouts import LAYOUTS, describe, with_layout
 from vtp_kernels import reference
 from vtp_kernels._utils import poison_outputs
+from scripts import load_script
 
 # (H, D, v_widths), D the q/k width: widths 0 (dropped head), 1, 7 and a full 64-wide head;
 # H=3 with D=32; eight 8-wide heads, where every offset and stride of a packed qkv row is a
@@ -244,10 +244,7 @@ def test_bad_shapes_raise():
 
 
 def test_benchmark_smoke(tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_packed_attention.py")
-    spec = importlib.util.spec_from_file_location("bench_packed_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_packed_attention.py")
     bench.main(["--smoke", "--models", "deit_s", "--qk-widths", "32", "--out", str(tmp_path)])
 
     record = json.loads((tmp_path / "packed_attention_smoke.json").read_text())

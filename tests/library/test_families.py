@@ -7,8 +7,6 @@ parameter gets random noise, so that zero-initialised heads or layer scales of 1
 hide a difference behind outputs that barely depend on the blocks.
 """
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,12 +14,10 @@ import torch
 
 import vtp
 from vit_variants import masked_copy_gates
+from scripts import load_script
 
 # The zoo survey's own perturbation and gates (a dead head, a dead MLP): one definition.
-_SPEC = importlib.util.spec_from_file_location(
-    "timm_coverage", Path(__file__).resolve().parents[2] / "benchmarks" / "timm_coverage.py")
-coverage = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(coverage)
+coverage = load_script("benchmarks/timm_coverage.py")
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, num_classes=5)
 

@@ -1,17 +1,14 @@
 """The package's layout rules, checked on the source: the library never imports the
 application, there is no import cycle, and no function hides an import of the project."""
 import importlib
-import importlib.util
 from pathlib import Path
+from scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "import_graph.py"
 
 
 def _import_graph_module():
-    spec = importlib.util.spec_from_file_location("import_graph", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/import_graph.py")
 
 
 def test_library_app_split_has_no_cycles_and_no_hidden_imports():

@@ -1,11 +1,8 @@
 """The analytic MAC count (vtp/_macs.py) against the profile of the pruned model, across the
 families VTP prunes: it is what the FLOPs planner budgets with, so it must be exact."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import timm
-import torch
 
 import vtp
 import vtp._macs as macs_module
@@ -13,11 +10,9 @@ import vtp._plan as plan_module
 from vtp._macs import MacCounter
 from vtp.pruning_plan import PruningPlan
 from vit_variants import make_vit
+from scripts import load_script
 
-_SPEC = importlib.util.spec_from_file_location(
-    "timm_coverage", Path(__file__).resolve().parents[2] / "benchmarks" / "timm_coverage.py")
-coverage = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(coverage)
+coverage = load_script("benchmarks/timm_coverage.py")
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, num_classes=5)
 

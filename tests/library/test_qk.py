@@ -5,7 +5,6 @@ Every model is float64, so pruned and masked gated models differ only in the ord
 (tolerance 1e-9 relative, against differences of whole units when a row is wrong).
 """
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,11 +17,9 @@ import vtp
 from vtp._plan import plan_macs
 from vtp.architectures import branches, qk_layout
 from vit_variants import make_vit, masked_copy_gates
+from scripts import load_script
 
-_SPEC = importlib.util.spec_from_file_location(
-    "timm_coverage", Path(__file__).resolve().parents[2] / "benchmarks" / "timm_coverage.py")
-coverage = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(coverage)
+coverage = load_script("benchmarks/timm_coverage.py")
 
 DATA = Path(__file__).resolve().parent / "data"
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, num_classes=5)
