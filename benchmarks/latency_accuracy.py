@@ -42,6 +42,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vtp  # noqa: E402
 from accuracy_vs_macs import Work, settings_key  # noqa: E402
+from latency_check import SMOKE_TARGET  # noqa: E402
 from vtp.app.demo import accuracy, adamw, train  # noqa: E402
 from vtp.app.mnist import load_mnist_5k, train_test_split  # noqa: E402
 from vtp.app.tables import format_table  # noqa: E402
@@ -49,7 +50,6 @@ from vtp.app.tables import format_table  # noqa: E402
 ARMS = ("latency", "flops")
 LABELS = {"latency": "latency plan", "flops": "FLOPs plan, same measured latency"}
 SMOKE_MODEL = dict(width=48, depth=2, heads=3)
-SMOKE_TARGET = 0.9  # a tiny ViT's constant parts put its floor near 0.5 (see gpu_check's smoke)
 
 
 def build(args) -> torch.nn.Module:

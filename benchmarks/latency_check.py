@@ -27,6 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import RESULTS, arguments, environment, records  # noqa: E402
 import bench_model  # noqa: E402
 
+# The latency target of the smoke runs (here, in gpu_check, latency_target_cpu and
+# latency_accuracy): a tiny ViT's patch embedding and head are about half its time, so its
+# floor sits near 0.5 and a lower target can be out of reach.
+SMOKE_TARGET = 0.9
+
 
 def _parse(argv):
     p = arguments.parser(__doc__)
