@@ -172,8 +172,13 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     sizes = {n: scores[n].numel() for n in names}
     head_dim = model_head_dim(model)
     rule = {"scope": scope, "round_to": round_to, "min_keep": min_keep}
-    qk_heads = _qk_heads(model, names)
+    if latency_target is not None:
+        del rule["round_to"]  # widths come from the latency table's grid
+        kept = fit_latency(model, scores, head_dim, latency_target, rule, batch_size=batch_size, device=device,
+                           dtype=dtype, threads=threads, img_size=img_size, table=table)
+        return PruningPlan(kept=kept, sizes=sizes, head_dim=head_dim, rule=rule)
 
+    qk_heads = _qk_heads(model, names)
     ranking = _Ranking(scores, names)
 
     def finish(counts: Dict[str, int]) -> Dict[str, List[int]]:
@@ -199,10 +204,6 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
             counts, threshold = ranking.counts(math.floor(ratio * sum(sizes.values())))
             rule["threshold"] = threshold
             kept = finish(counts)
-    elif latency_target is not None:
-        del rule["round_to"]  # widths come from the latency table's grid
-        kept = fit_latency(model, scores, head_dim, latency_target, rule, batch_size=batch_size, device=device,
-                           dtype=dtype, threads=threads, img_size=img_size, table=table)
     else:
         rule["flops_target"] = float(flops_target)
         kept = _fit_flops(model, ranking, sizes, flops_target, finish, rule, img_size)
