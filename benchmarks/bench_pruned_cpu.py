@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="a tiny ViT, eager, 2 rounds: checks the script")
     p.add_argument("--qk", action="store_true",
                    help="also the FLOPs-target plan of the model gated at the fifth site, attn_qk "
-                        "(queries and keys pruned too), beside the four-site one")
+                        "(queries and keys pruned too), beside the four-site one: in the padded layout, "
+                        "and with V padded to head_dim (padded_head_dim, the layout before format 3)")
     p.add_argument("--img-size", type=int, default=None,
                    help="image size the models are built for (default: the timm config's, 224)")
     p.add_argument("--tag", default="", help="suffix of the record's file name (e.g. qk384)")
@@ -158,6 +159,11 @@ def variants(name: str, seed: int, ratios, flops_target: float, round_tos, qk: b
             plan_qk = vtp.plan(gated_qk, flops_target=flops_target, round_to=rt)
             out[key + " qk"] = {"model": vtp.prune(gated_qk, plan_qk, layout="padded").eval(), "kind": "pruned",
                                 "flops_target": flops_target, "round_to": rt, "layout": "padded", "sites": 5}
+            # V padded to head_dim instead of the block's attention width: the layout before
+            # format 3, where attention ran at 64 whatever the queries and keys kept
+            out[key + " qk head_dim"] = {"model": vtp.prune(gated_qk, plan_qk, layout="padded_head_dim").eval(),
+                                         "kind": "pruned", "flops_target": flops_target, "round_to": rt,
+                                         "layout": "padded_head_dim", "sites": 5}
     for v in out.values():
         count_work(v)
     uniform = uniform_model(name, dense, out[f"flops {flops_target:g} round_to {round_tos[0]}"]["macs"], img_size)
@@ -302,7 +308,8 @@ def main(argv=None) -> int:
         img = vs["dense"]["model"].patch_embed.img_size[0]
         for mode in args.modes:
             chosen = {k: v for k, v in vs.items() if (mode == "eager" and not args.profile)
-                      or k in ("dense", "uniform") or (k.startswith("flops") and v["layout"] == "padded")}
+                      or k in ("dense", "uniform")
+                      or (k.startswith("flops") and v["layout"] in ("padded", "padded_head_dim"))}
             models = {k: v["model"] for k, v in chosen.items()}
             if mode == "compile":
                 # Every variant shares timm's forward: one compiled graph each for each batch

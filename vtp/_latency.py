@@ -188,7 +188,8 @@ def model_widths(model: nn.Module) -> Tuple[BlockWidths, ...]:
                 raise TypeError(f"{where}.attn: latency tables cover PrunedAttention without in_index, "
                                 "output gate, output norm or q/k norm")
             qk = attn.qk_dim // attn.num_heads  # queries and keys: one width for all heads of a block
-            v_run = max(attn.head_dim, max(attn.v_widths))  # attention runs V padded to the head width
+            # the values' width in attention: a padded V's rows per head, or a packed V's widest
+            v_run = attn.v_head_width if attn.v_layout == "padded" else max(attn.v_widths)
             a = BlockWidths(attn.qkv.in_features, (qk,) * attn.num_heads, (v_run,) * attn.num_heads,
                             tuple(attn.v_widths), 0, 0, v_layout=attn.v_layout)
         elif isinstance(attn, Attention):
@@ -374,7 +375,14 @@ def _shape_probes(s: BlockShape, batch: int, buf: _Buffers, act: nn.Module, step
             q = qkv[..., : h * qk].view(B, N, h, qk).transpose(1, 2)
             k = qkv[..., h * qk: 2 * h * qk].view(B, N, h, qk).transpose(1, 2)
             vv = qkv[..., 2 * h * qk:].view(B, N, h, v).transpose(1, 2)
-            return F.scaled_dot_product_attention(q, k, vv, scale=scale).transpose(1, 2).reshape(B, N, h * v)
+            # the narrower side padded with zeros, as vtp_kernels' reference runs it: the
+            # fused kernels take one width
+            if qk < v:
+                q, k = F.pad(q, (0, v - qk)), F.pad(k, (0, v - qk))
+            elif v < qk:
+                vv = F.pad(vv, (0, qk - v))
+            out = F.scaled_dot_product_attention(q, k, vv, scale=scale).transpose(1, 2)
+            return out[..., :v].reshape(B, N, h * v)
         return run
 
     head_widths = sorted(set(range(step, D + 1, step)) | {D})

@@ -83,14 +83,15 @@ class _Planner:
     # -- structure ----------------------------------------------------------------------
     def widths(self, b: int, state: Optional[dict] = None) -> BlockWidths:
         """What block ``b`` executes at ``state``: as ``vtp.model_widths`` reads it from the
-        model ``vtp.prune`` makes (padded V: a live head runs its values at the head width)."""
+        model ``vtp.prune`` makes (padded V: a live head runs its values at the block's
+        attention width, the wider of its query/key width and its widest head's values)."""
         s = state or self.state[b]
         live = [v for v in s["attn_out"] if v > 0]
         mlp = (s["mlp_in"], s["mlp_hidden"]) if s["mlp_in"] > 0 and s["mlp_hidden"] > 0 else (0, 0)
         if s["attn_in"] == 0 or not live:
             return BlockWidths(0, (), (), (), *mlp)
         n = len(live)
-        return BlockWidths(s["attn_in"], (s["attn_qk"],) * n, (max(self.head_dim, s["attn_qk"]),) * n, tuple(live),
+        return BlockWidths(s["attn_in"], (s["attn_qk"],) * n, (max(max(live), s["attn_qk"]),) * n, tuple(live),
                            *mlp)
 
     def predict(self) -> float:

@@ -153,13 +153,12 @@ def profile(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = 
         total[0] += batch * tokens * tokens * (qk + v)
         if isinstance(m, (PrunedAttention, PrunedParallelBlock)) and m.v_dim:
             projection = m.qkv if isinstance(m, PrunedAttention) else m.in_proj
-            padded = m.num_heads * m.head_dim - m.v_dim  # V padded to the head width for attention
-            qk_slots = m.num_heads * m.qk_width - qk   # query/key slots of zeros (attn_qk)
-            zeros["attention"] += batch * tokens * tokens * (padded + qk_slots)
-            if m.v_layout == "padded":   # ... and computed so: zero rows the linear hook counted
-                zeros["linear"] += batch * tokens * projection.in_features * padded
+            # attention runs q, k and v of every head at one width, zeros filling the rest
+            zeros["attention"] += batch * tokens * tokens * (2 * m.num_heads * m.attention_width - qk - v)
+            if m.v_layout == "padded":   # zero value rows the linear hook counted
+                zeros["linear"] += batch * tokens * projection.in_features * (m.v_rows - m.v_dim)
             if m.qk_pruned and not m.qk_full_rows:  # zero query and key rows of the projection
-                zeros["linear"] += batch * tokens * projection.in_features * 2 * qk_slots
+                zeros["linear"] += batch * tokens * projection.in_features * 2 * (m.num_heads * m.qk_width - qk)
 
     handles = []
     for m in model.modules():

@@ -50,11 +50,23 @@ from .modules import (V_LAYOUTS, ConstantBranch, DecomposedPositionBias, GatedLi
                       IndexedLinear, PrunedAttention, PrunedParallelBlock, TablePositionBias, kept_norm)
 from .pruning_plan import PruningPlan
 
-__all__ = ["prune", "PrunedFrom", "DEFAULT_V_LAYOUT"]
+__all__ = ["prune", "PrunedFrom", "DEFAULT_V_LAYOUT", "LAYOUTS"]
 
 # How pruned attention lays out its values unless told otherwise: measured faster on the
 # CPU (benchmarks/results/pruned_cpu.json; no GPU run yet).
 DEFAULT_V_LAYOUT = "padded"
+# V padded to head_dim whatever the queries and keys keep: what "padded" made before V was
+# padded to each block's attention width (model files of format 2 and earlier). The two
+# differ only where attn_qk narrowed the queries and keys.
+HEAD_DIM_PADDED = "padded_head_dim"
+LAYOUTS = V_LAYOUTS + (HEAD_DIM_PADDED,)
+
+
+def _module_layout(layout: str, head_dim: int) -> dict:
+    """The ``PrunedAttention`` / ``PrunedParallelBlock`` arguments of a ``prune`` layout."""
+    if layout == HEAD_DIM_PADDED:
+        return {"v_layout": "padded", "v_head_width": head_dim}
+    return {"v_layout": layout}
 
 
 @dataclass(frozen=True)
@@ -91,12 +103,14 @@ def prune(model: nn.Module, plan: PruningPlan, fold: bool = True, layout: str = 
     and keeps ``model``'s training mode and device.
 
     ``layout`` says how a pruned attention lays out its values (``PrunedAttention``):
-    "padded" (the default, the faster on the CPU: see the README) or "packed".
+    "padded" (the default, the faster on the CPU: see the README; V padded to each block's
+    attention width) or "packed"; "padded_head_dim" pads V to ``head_dim`` (how models
+    saved before format 3 were laid out; the same as "padded" unless ``attn_qk`` is pruned).
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan: expected a vtp.PruningPlan, got {type(plan).__name__}")
-    if layout not in V_LAYOUTS:
-        raise ValueError(f"layout: expected one of {', '.join(V_LAYOUTS)}, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     check_supported(model)
     plan.check_model(model)
     for branch in branches(model):
@@ -367,7 +381,7 @@ def _live_heads(kept_values: torch.Tensor, heads: int, head_dim: int):
 
 def _laid_out(module: nn.Module, packed: torch.Tensor) -> torch.Tensor:
     """Rows of the packed value dims as ``module``'s V layout holds them (padded: at their
-    place in their head's ``head_dim`` rows, zero rows between)."""
+    place in their head's ``v_head_width`` rows, zero rows between)."""
     if module.v_layout == "packed":
         return packed
     out = packed.new_zeros((module.v_rows,) + tuple(packed.shape[1:]))
@@ -451,7 +465,8 @@ def _prune_attention(branch: Branch, gates: Dict[str, Gate], layout: str) -> Non
         rope_prefix_tokens=parts.rope_prefix_tokens, rotate_half=parts.rotate_half,
         rope_module=parts.rope_module, position_bias=_position_bias(attn, live), norm=norm,
         gated=parts.gate is not None, gate_bias=parts.gate is not None and parts.gate.bias is not None,
-        in_index=in_index, kept_heads=live, dense_heads=parts.heads, v_layout="packed" if output_norm else layout,
+        in_index=in_index, kept_heads=live, dense_heads=parts.heads,
+        **_module_layout("packed" if output_norm else layout, head_dim),
         qk_slots=qk.slots, qk_full_rows=qk.full_rows, device=device, dtype=parts.proj.weight.dtype)
     qk.fill_scale(new)
     (wq, wk, wv) = parts.weights
@@ -499,7 +514,7 @@ def _prune_parallel(branch: Branch, gates: Dict[str, Gate], layout: str) -> nn.M
         widths, kept_hidden.numel(),
         kept_norm(block.in_norm, kept_in) if narrowed else block.in_norm, b is not None,
         block.mlp_bias is not None, block.attn_out_proj.bias is not None, block.q_norm, k_norm,
-        block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale, v_layout=layout,
+        block.mlp_act, block.mlp_drop.p, block.ls, block.drop_path, block.scale, **_module_layout(layout, head_dim),
         kept_heads=live, dense_heads=heads, qk_slots=qk_plan.slots, qk_full_rows=qk_plan.full_rows,
         device=device, dtype=w.dtype)
     qk_plan.fill_scale(new)

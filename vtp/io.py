@@ -29,16 +29,17 @@ import torch.nn as nn
 
 from .atomic import recover_directory, replace_directory, write_json
 from ._gates import ALL_SITES, add_gates, gates
-from .modules import V_LAYOUTS
 from .pruning_plan import PruningPlan
-from ._prune import prune
+from ._prune import HEAD_DIM_PADDED, LAYOUTS, prune
 from .rebuild import build, describe, read_drop_path_rate
 
 __all__ = ["save", "load", "read_config", "is_model_dir", "check_saveable", "SavedConfig", "build_model"]
 
 MODEL_FORMAT = "vtp-model"
-MODEL_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1 named timm classes only; 2 also timm architecture names
+MODEL_VERSION = 3
+# 1 named timm classes only; 2 also timm architecture names; 3 pads V to each block's
+# attention width where 1 and 2 padded it to head_dim (read as layout "padded_head_dim")
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -97,9 +98,18 @@ def _fields(config: dict) -> Dict[str, Any]:
         gated_sites=tuple(_field(config, "gated_sites", lambda v: isinstance(v, list) and all(s in ALL_SITES for s in v),
                                  f"a list of sites among {', '.join(ALL_SITES)}", [])),
         fold=_field(config, "fold", lambda v: isinstance(v, bool), "true or false", True),
-        # version 1 and early version 2 files hold packed values
-        layout=_field(config, "layout", lambda v: v in V_LAYOUTS, f"one of {', '.join(V_LAYOUTS)}", "packed"),
+        layout=_layout(config),
         plan=PruningPlan.from_dict(plan) if plan is not None else None, metadata=dict(metadata))
+
+
+def _layout(config: dict) -> str:
+    """The ``vtp.prune`` layout a file's weights are in. Version 1 and early version 2 files
+    hold packed values and say nothing; versions before 3 padded V to head_dim."""
+    layout = _field(config, "layout", lambda v: v in LAYOUTS, f"one of {', '.join(LAYOUTS)}", "packed")
+    version = config.get("version", MODEL_VERSION)
+    if layout == "padded" and isinstance(version, int) and version < 3:
+        return HEAD_DIM_PADDED
+    return layout
 
 
 def build_model(config: dict) -> nn.Module:

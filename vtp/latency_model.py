@@ -476,12 +476,24 @@ def _with_width(b: BlockWidths, site: str, width: int) -> BlockWidths:
     if site == "mlp_hidden":
         return replace(b, mlp_hidden=width)
     if site == "attn_qk":  # no query/key width left: the attention branch is a constant
-        return replace(b, qk_widths=(width,) * b.heads) if width else BlockWidths(0, (), (), (), b.mlp_in, b.mlp_hidden)
+        if not width:
+            return BlockWidths(0, (), (), (), b.mlp_in, b.mlp_hidden)
+        return replace(b, qk_widths=(width,) * b.heads, v_widths=_values_run(b.v_layout, width, b.v_kept))
     kept, drop = list(b.v_kept), b.proj_in - width  # attn_out: off the last heads first
     for h in range(len(kept) - 1, -1, -1):
         take = min(kept[h], drop)
         kept[h] -= take
         drop -= take
     live = [h for h, k in enumerate(kept) if k > 0]  # a head left with no value goes, Q and K with it
-    return replace(b, qk_widths=tuple(b.qk_widths[h] for h in live), v_widths=tuple(b.v_widths[h] for h in live),
-                   v_kept=tuple(kept[h] for h in live))
+    kept = tuple(kept[h] for h in live)
+    qk = max(b.qk_widths, default=0)
+    return replace(b, qk_widths=tuple(b.qk_widths[h] for h in live), v_widths=_values_run(b.v_layout, qk, kept),
+                   v_kept=kept)
+
+
+def _values_run(layout: str, qk: int, kept: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Each head's value width in attention as ``vtp.prune`` lays it out: a padded V at the
+    block's attention width (the wider of the query/key width and the widest kept values),
+    a packed one padded to its widest head inside attention."""
+    run = max(kept, default=0) if layout == "packed" else max(qk, max(kept, default=0))
+    return (run,) * len(kept)

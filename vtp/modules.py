@@ -7,7 +7,8 @@
 * ``IndexedLinear``: a linear that reads only the kept columns of its input, where no norm
   sits in front of it to gather them (post-norm blocks);
 * ``PrunedAttention``: attention whose heads keep different numbers of value dims, with
-  the options of timm's attention modules (q/k norms, RoPE, position biases, an output gate);
+  the options of timm's attention modules (q/k norms, RoPE, position biases, an output gate;
+  the kept heads' bookkeeping, shared with ``PrunedParallelBlock``, is in kept_heads.py);
 * ``ConstantBranch``: a residual branch that no longer depends on its input.
 
 Modules keep the attribute names of the timm modules they replace (``qkv``, ``proj``,
@@ -17,7 +18,7 @@ whose backend switch picks Triton or PyTorch.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ from timm.layers import RmsNorm, apply_rot_embed_cat
 
 import vtp_kernels
 
+from .kept_heads import V_LAYOUTS, _KeptHeads
 from .position_biases import DecomposedPositionBias, HeadsOfPositionBias, TablePositionBias
 
 __all__ = ["V_LAYOUTS", "GatedLinear", "GatedHeadNorm", "KeptLayerNorm", "KeptRmsNorm", "IndexedLinear", "PrunedAttention",
@@ -251,9 +253,6 @@ class IndexedLinear(_NotScriptable, nn.Linear):
 # Attention
 
 
-V_LAYOUTS = ("packed", "padded")
-
-
 def _select_heads(bias: Optional[torch.Tensor], heads: torch.Tensor, dense_heads: int) -> Optional[torch.Tensor]:
     """A bias or mask over the dense model's heads, restricted to the kept ones; one that
     broadcasts over heads is left as it is."""
@@ -266,110 +265,6 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-
-
-class _KeptHeads:
-    """The heads a pruned attention keeps: their value widths and layout in the qkv rows,
-    and which of the dense model's heads they were (for biases and masks given over all of
-    them). Shared by ``PrunedAttention`` and ``PrunedParallelBlock``."""
-
-    def _init_heads(self, head_dim: int, v_widths: Sequence[int], v_layout: str,
-                    kept_heads: Optional[Sequence[int]], dense_heads: Optional[int], device,
-                    qk_slots: Optional[Sequence[Sequence[int]]] = None, qk_full_rows: bool = False,
-                    dtype=None) -> None:
-        v_widths = tuple(int(w) for w in v_widths)
-        if v_layout not in V_LAYOUTS:
-            raise ValueError(f"v_layout: expected one of {', '.join(V_LAYOUTS)}, got {v_layout!r}")
-        if v_layout == "padded" and v_widths and max(v_widths) > head_dim:
-            raise ValueError(f"v_widths: a padded V holds at most head_dim={head_dim} values per head")
-        self.v_layout = v_layout
-        self.num_heads = len(v_widths)
-        self.head_dim = head_dim
-        self.v_widths = v_widths
-        self.v_dim = sum(v_widths)
-        self.v_rows = self.num_heads * head_dim if v_layout == "padded" else self.v_dim  # qkv's value rows
-        self._init_qk(qk_slots, qk_full_rows, device, dtype)
-        kept_heads = list(range(self.num_heads)) if kept_heads is None else [int(h) for h in kept_heads]
-        if len(kept_heads) != self.num_heads:
-            raise ValueError(f"kept_heads: expected {self.num_heads} head indices, got {len(kept_heads)}")
-        self.dense_heads = self.num_heads if dense_heads is None else int(dense_heads)
-        self.register_buffer("kept_heads", torch.tensor(kept_heads, dtype=torch.long, device=device),
-                             persistent=False)
-
-    def _init_qk(self, qk_slots: Optional[Sequence[Sequence[int]]], full_rows: bool, device, dtype) -> None:
-        """Query/key widths. ``qk_slots`` (None: every head keeps its ``head_dim`` dims) gives
-        each head's slots: the dense dim (within the head) each slot holds, -1 for a zero
-        slot; every head has as many (``qk_width``), so one attention call takes them all.
-        The projection emits ``qk_width`` query and key rows per head (zero rows at zero
-        slots), or, with ``qk_full_rows`` (a q/k norm needs every dim for its statistics, or
-        a position bias reads the full queries), all ``head_dim`` of them, of which the kept
-        ones are gathered after the norm (and RoPE) and the queries scaled by ``qk_scale``
-        (the folded gate values; 0 at zero slots)."""
-        H, D = self.num_heads, self.head_dim
-        if qk_slots is None:
-            qk_slots = [list(range(D))] * H
-        qk_slots = [[int(d) for d in row] for row in qk_slots]
-        width = len(qk_slots[0]) if qk_slots else D
-        if len(qk_slots) != H or any(len(row) != width or any(d < -1 or d >= D for d in row) for row in qk_slots):
-            raise ValueError(f"qk_slots: expected {H} rows of one length, of dims in [-1, {D}), got {qk_slots}")
-        self.qk_width = width
-        self.qk_widths = tuple(sum(d >= 0 for d in row) for row in qk_slots)
-        self.qk_pruned = qk_slots != [list(range(D))] * H
-        self.qk_full_rows = bool(full_rows)
-        self.qk_dim = H * (D if self.qk_full_rows or not self.qk_pruned else width)  # q (or k) rows of the projection
-        self.register_buffer("qk_index", torch.tensor([[max(d, 0) for d in row] for row in qk_slots],
-                                                      dtype=torch.long, device=device).view(H, width), persistent=False)
-        if self.qk_full_rows:
-            mask = [[1.0 if d >= 0 else 0.0 for d in row] for row in qk_slots]
-            self.register_buffer("qk_scale", torch.tensor(mask, device=device, dtype=dtype).view(H, width))
-        else:
-            self.qk_scale = None
-
-    def _shrink_qk(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys ``[B, H, N, head_dim]`` computed in full: their kept slots, the
-        queries scaled by ``qk_scale``."""
-        if not self.qk_full_rows:
-            return q, k
-        B, H, N, _ = q.shape
-        if not self.qk_pruned:
-            return q * self.qk_scale.to(q.dtype).view(1, H, 1, self.qk_width), k
-        index = self.qk_index.view(1, H, 1, self.qk_width).expand(B, H, N, self.qk_width)
-        q = torch.gather(q, -1, index) * self.qk_scale.to(q.dtype).view(1, H, 1, self.qk_width)
-        return q, torch.gather(k, -1, index)
-
-    def _rope_for_slots(self, rope: torch.Tensor) -> torch.Tensor:
-        """A RoPE table ``[..., N, 2 * head_dim]`` (sin | cos) for the slots of each head:
-        ``[H, N, 2 * qk_width]`` (what a zero slot gets does not matter: it rotates zeros)."""
-        if not self.qk_pruned or self.qk_full_rows:
-            return rope
-        H, W = self.num_heads, self.qk_width
-        sin, cos = rope.tensor_split(2, -1)
-        if sin.dim() == 2:
-            sin, cos = sin.unsqueeze(0), cos.unsqueeze(0)
-        n = sin.shape[-2]
-        index = self.qk_index.view(H, 1, W).expand(H, n, W)
-        sin, cos = sin.expand(H, n, sin.shape[-1]), cos.expand(H, n, cos.shape[-1])
-        return torch.cat([torch.gather(sin, -1, index), torch.gather(cos, -1, index)], dim=-1)
-
-    def _attend(self, q, k, v, bias):
-        return vtp_kernels.packed_attention(q, k, v, self.v_widths, self.scale, attn_bias=bias,
-                                            v_padded=self.v_layout == "padded", v_head_width=self.head_dim)
-
-    def value_rows(self) -> torch.Tensor:
-        """Where each kept value dim sits among qkv's V rows (packed: in order; padded: the
-        first ``v_widths[h]`` of head ``h``'s ``head_dim`` rows)."""
-        if self.v_layout == "packed":
-            return torch.arange(self.v_dim)
-        return vtp_kernels.reference.padded_value_columns(self.v_widths, self.head_dim, torch.device("cpu"))
-
-    def _heads_repr(self) -> str:
-        layout = ", V padded to head_dim" if self.v_layout == "padded" else ""
-        qk = ""
-        if self.qk_pruned:
-            qk = f", qk_widths={self.qk_widths} in {self.qk_width} slots"
-        if self.qk_full_rows:
-            qk += ", q/k gathered and scaled after the norm"
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, v_widths={self.v_widths}{layout}{qk}"
 
 
 class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
@@ -394,9 +289,12 @@ class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
       gated               an output gate ``sigmoid(gate(x))`` over the kept value dims
       in_index            read only these input columns (post-norm blocks)
       v_layout            "packed": qkv emits each head's kept values side by side;
-                          "padded": qkv emits ``head_dim`` values per head, the kept ones
-                          first and zero rows after them, so attention runs on V as it comes
-                          (no scatter into a padded copy); the output is packed either way
+                          "padded": qkv emits ``v_head_width`` values per head, the kept
+                          ones first and zero rows after them, so attention runs on V as it
+                          comes (no scatter into a padded copy); the output is packed either way
+      v_head_width        a padded V's rows per head; default: the wider of the query/key
+                          slots and the widest head's values (``head_dim`` unless ``attn_qk``
+                          narrowed the queries and keys)
       kept_heads          the dense model's index of each kept head: a shared bias or a
                           mask given over all the dense model's heads is restricted to these
       qk_slots, qk_full_rows   the query/key dims each head keeps (see ``_init_qk``)
@@ -411,12 +309,13 @@ class PrunedAttention(_KeptHeads, _NotScriptable, nn.Module):
                  in_index: Optional[torch.Tensor] = None,
                  kept_heads: Optional[Sequence[int]] = None, dense_heads: Optional[int] = None,
                  v_layout: str = "packed", qk_slots: Optional[Sequence[Sequence[int]]] = None,
-                 qk_full_rows: bool = False, device=None, dtype=None):
+                 qk_full_rows: bool = False, v_head_width: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         v_widths = tuple(int(w) for w in v_widths)
         if not v_widths or min(v_widths) < 1:
             raise ValueError(f"v_widths: expected one positive width per kept head, got {v_widths}")
-        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device, qk_slots, qk_full_rows, dtype)
+        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device, qk_slots, qk_full_rows, dtype,
+                         v_head_width)
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.rope_prefix_tokens = rope_prefix_tokens
         self.rotate_half = rotate_half
@@ -502,9 +401,10 @@ class PrunedParallelBlock(_KeptHeads, _NotScriptable, nn.Module):
                  mlp_drop: float, ls: nn.Module, drop_path: nn.Module, scale: float,
                  v_layout: str = "packed", kept_heads: Optional[Sequence[int]] = None,
                  dense_heads: Optional[int] = None, qk_slots: Optional[Sequence[Sequence[int]]] = None,
-                 qk_full_rows: bool = False, device=None, dtype=None):
+                 qk_full_rows: bool = False, v_head_width: Optional[int] = None, device=None, dtype=None):
         super().__init__()
-        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device, qk_slots, qk_full_rows, dtype)
+        self._init_heads(head_dim, v_widths, v_layout, kept_heads, dense_heads, device, qk_slots, qk_full_rows, dtype,
+                         v_head_width)
         dd = {"device": device, "dtype": dtype}
         self.mlp_hidden = mlp_hidden
         self.scale = scale

@@ -41,3 +41,14 @@ def test_profile_record(bench, tmp_path, capsys):
     pruned = [r for r in rows if r["kind"] == "pruned"][0]
     assert "aten::gather" in pruned["operators"]  # the kept-column gathers are seen
     assert "(total)" in capsys.readouterr().out
+
+
+def test_qk_variants_in_both_padded_layouts(bench, tmp_path):
+    assert bench.main(["--smoke", "--profile", "--qk", "--round-to", "8", "--out", str(tmp_path)]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "pruned_cpu_profile_smoke.json").read_text())["results"]}
+    fitted, full = rows["flops 0.55 round_to 8 qk"], rows["flops 0.55 round_to 8 qk head_dim"]
+    assert fitted["layout"] == "padded" and full["layout"] == "padded_head_dim"
+    assert fitted["macs"] == full["macs"]  # one plan, two layouts: the same kept dims
+    # V padded to each block's attention width executes no more than V padded to head_dim
+    assert fitted["executed_macs"] <= full["executed_macs"]
+    assert fitted["operators"]["aten::addmm"]["median_ms"] > 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import vtp
 from vtp._plan import plan_macs
 from vtp.architectures import branches, qk_layout
+from vtp.modules import PrunedAttention
 from vit_variants import make_vit, masked_copy_gates
 from scripts import load_script
 
@@ -181,9 +182,39 @@ def test_heads_keep_their_own_query_key_widths():
     expected = [sum(1 for i in kept if i // 16 == h) for h in attn.kept_heads.tolist()]
     assert list(attn.qk_widths) == expected and attn.qk_width == max(expected)
     assert all(w % 4 == 0 for w in expected) and 0 in expected
-    # q and k keep only their slots: qkv emits qk_width rows per head for each
-    assert attn.qkv.out_features == 2 * attn.num_heads * attn.qk_width + attn.num_heads * attn.head_dim
+    # q and k keep only their slots: qkv emits qk_width rows per head for each, and V padded
+    # to the block's attention width, the wider of those slots and the widest head's values
+    width = max(attn.qk_width, max(attn.v_widths))
+    assert attn.v_head_width == attn.attention_width == width < attn.head_dim
+    assert attn.qkv.out_features == 2 * attn.num_heads * attn.qk_width + attn.num_heads * width
     assert attn.scale == model.blocks[0].attn.scale  # the model's own softmax scale
+
+
+def test_values_pad_to_the_blocks_attention_width_or_to_head_dim(tmp_path):
+    """"padded" pads V to each block's attention width; "padded_head_dim" (how files before
+    format 3 were laid out) to head_dim: the same model either way, and a format-2 file
+    of a model whose queries and keys were pruned still loads."""
+    model = vtp.add_gates(make_vit(), sites=vtp.ALL_SITES)
+    randomize(model)
+    plan = vtp.plan(model, ratio=0.5, round_to=4)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fitted, full = vtp.prune(model, plan), vtp.prune(model, plan, layout="padded_head_dim")
+    narrowed = 0
+    for a, b in zip(fitted.blocks, full.blocks):
+        if isinstance(a.attn, PrunedAttention):
+            assert b.attn.v_head_width == b.attn.head_dim and b.attn.v_layout == "padded"
+            assert a.attn.v_head_width == max(a.attn.qk_width, max(a.attn.v_widths))
+            narrowed += a.attn.v_head_width < a.attn.head_dim
+    assert narrowed  # the plan narrows some block's attention, or the test shows nothing
+    torch.testing.assert_close(fitted(x), full(x), rtol=1e-12, atol=1e-12)  # float64: rounding only
+    path = vtp.save(full, tmp_path / "old")
+    config = json.loads((path / "config.json").read_text())
+    assert config["layout"] == "padded_head_dim" and config["version"] == 3
+    config.update(version=2, layout="padded")  # what the format-2 writer wrote for this model
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = vtp.load(path)
+    assert torch.equal(loaded(x), full(x))
+    assert vtp.read_config(path).layout == "padded_head_dim"
 
 
 def test_qk_norm_keeps_rows_and_saves_in_the_product_only():
@@ -192,7 +223,8 @@ def test_qk_norm_keeps_rows_and_saves_in_the_product_only():
     small = vtp.prune(model, vtp.plan(model, ratio=0.5))
     attn = small.blocks[0].attn
     assert attn.qk_full_rows and attn.qk_pruned
-    assert attn.qkv.out_features == 2 * attn.num_heads * attn.head_dim + attn.num_heads * attn.head_dim
+    width = max(attn.qk_width, max(attn.v_widths))  # V padded to the block's attention width
+    assert attn.qkv.out_features == 2 * attn.num_heads * attn.head_dim + attn.num_heads * width
     assert isinstance(attn.k_norm, torch.nn.LayerNorm)  # the gate is folded out of the norm
     # fine-tuning reaches the rows the norm reads, and the zero slots stay zero
     small.train()
@@ -211,7 +243,11 @@ def test_profile_counts_kept_and_executed_query_key_widths():
         attn = block.attn
         kept, slots = sum(attn.qk_widths), attn.num_heads * attn.qk_width
         macs += tokens * dim * (2 * kept + dim) + tokens * tokens * (kept + dim) + tokens * dim * dim
-        zeros += tokens * dim * 2 * (slots - kept) + tokens * tokens * (slots - kept)
+        # attention pads the q/k slots to the block's attention width (here head_dim: the
+        # values keep every dim), so it executes 2 * heads * width per pair of tokens
+        width = attn.attention_width
+        assert width == max(attn.qk_width, max(attn.v_widths)) == 16
+        zeros += tokens * dim * 2 * (slots - kept) + tokens * tokens * (2 * attn.num_heads * width - kept - dim)
         macs += tokens * 2 * dim * 96
     p = vtp.profile(small)
     assert p.macs == macs
