@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 __all__ = ["FORMAT", "BlockShape", "BlockWidths", "Curve", "Grid2", "ShapeTable", "LatencyTable",
            "LATENCY_SITES"]
 
-FORMAT = 1  # bump when what a table file holds changes: an older file is then re-measured
+FORMAT = 2  # bump when what a table file holds changes: an older file is then re-measured
+# (2: attention at unequal q/k and value widths timed padded to one width, as it runs)
 LATENCY_SITES = ("attn_in", "attn_qk", "attn_out", "mlp_in", "mlp_hidden")
 
 
