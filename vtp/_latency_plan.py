@@ -23,12 +23,13 @@ import torch.nn as nn
 
 from .architectures import parse_gate_name
 from ._latency import block_shapes, cache_path, latency_table, model_widths
+from ._latency_measure import PlanTimer, table_device
 from ._profile import default_img_size, size_pair
 from ._prune import DEFAULT_V_LAYOUT, prune, structure_copy
 from .latency_model import BlockWidths, LatencyTable
 from .pruning_plan import PruningPlan
 
-__all__ = ["fit_latency"]
+__all__ = ["fit_latency", "REFINE_TOLERANCE", "REFINE_CLAMP", "DEFAULT_REFINE", "DEFAULT_REFINE_REPEATS"]
 
 _PER_HEAD = ("attn_out", "attn_qk")
 # the curve whose aligned grid gives a site's widths
@@ -211,20 +212,26 @@ def _table_for(model: nn.Module, table: Optional[LatencyTable], batch_size: int,
     return table, size
 
 
-def fit_latency(model: nn.Module, scores: Dict[str, torch.Tensor], head_dim: int, target: float, rule: dict, *,
-                batch_size: int, device, dtype, threads, img_size, table: Optional[LatencyTable]
-                ) -> Dict[str, List[int]]:
-    """The kept indices of every gate of ``model`` for ``vtp.plan(latency_target=target)``;
-    ``rule`` gains the prediction and where the table comes from."""
-    table, size = _table_for(model, table, batch_size, device, dtype, threads, img_size)
-    shapes = block_shapes(model, size)
-    if len({(s.heads, s.head_dim, s.embed, s.hidden) for s in shapes}) != 1 or shapes[0].head_dim != head_dim:
-        raise TypeError("model: latency targets cover models whose blocks share one shape")
-    sites = {n: _Site(n, s, head_dim) for n, s in scores.items()}
+# A measured share within this of the target ends the refinement: the paired share of a
+# few rounds still moves by about 1-2 % between measurements on a quiet CPU.
+REFINE_TOLERANCE = 0.02
+# One round scales the budget by target / measured within these bounds: the table misses
+# uneven plans by a few % (up to ~10 % in benchmarks/results/latency_check*.json), so a
+# larger factor says the measurement caught a slow or fast spell of the machine rather than
+# the table's error, and following it whole would overshoot the other way.
+REFINE_CLAMP = (0.8, 1.25)
+# vtp.plan's defaults with latency_target: one round of measure-and-replan (the table's sum
+# of parts misses uneven plans by a few %), each measurement 7 paired rounds
+DEFAULT_REFINE = 1
+DEFAULT_REFINE_REPEATS = 7
+
+
+def _fit_budget(model: nn.Module, table: LatencyTable, sites: Dict[str, _Site], shapes, head_dim: int,
+                min_keep: int, budget: float) -> Tuple[Dict[str, List[int]], float, nn.Module]:
+    """The table's plan for ``budget`` ms: (kept, its prediction, the pruned model on the
+    meta device). The prediction may exceed ``budget`` where it is out of reach."""
     s0 = shapes[0]
-    planner = _Planner(table, sites, len(shapes), head_dim, s0.heads, s0.embed, s0.hidden, rule["min_keep"])
-    dense_ms = table.predict(table.dense_widths())
-    budget = target * dense_ms
+    planner = _Planner(table, sites, len(shapes), head_dim, s0.heads, s0.embed, s0.hidden, min_keep)
     planner.fit(budget)
     kept = planner.kept()
     # The prediction recorded is that of the model vtp.prune builds, read back from it (on the
@@ -239,10 +246,71 @@ def fit_latency(model: nn.Module, scores: Dict[str, torch.Tensor], head_dim: int
         # the model runs slower than the planner's widths said: ask the planner for that much more
         planner.fit(budget - (predicted - planner.predict()))
         kept = planner.kept()
+    return kept, predicted, meta
+
+
+def _choose(rounds: List[dict], target: float, tolerance: float) -> int:
+    """The round whose measured share is closest to ``target`` among those at most
+    ``target * (1 + tolerance)`` (a tie: the faster), else the fastest (all are too slow)."""
+    fits = [i for i, r in enumerate(rounds) if r["measured_share"] <= target * (1 + tolerance)]
+    if fits:
+        return min(fits, key=lambda i: (abs(rounds[i]["measured_share"] - target), rounds[i]["measured_share"]))
+    return min(range(len(rounds)), key=lambda i: rounds[i]["measured_share"])
+
+
+def fit_latency(model: nn.Module, scores: Dict[str, torch.Tensor], head_dim: int, target: float, rule: dict, *,
+                batch_size: int, device, dtype, threads, img_size, table: Optional[LatencyTable],
+                refine: int = 0, refine_repeats: int = DEFAULT_REFINE_REPEATS) -> Dict[str, List[int]]:
+    """The kept indices of every gate of ``model`` for ``vtp.plan(latency_target=target)``;
+    ``rule`` gains the prediction and where the table comes from.
+
+    ``refine`` > 0: the table's plan is then timed whole against the dense model on the
+    table's device (``vtp._latency_measure``, ``refine_repeats`` paired rounds); while its
+    measured share misses the target by more than ``REFINE_TOLERANCE``, the plan is made
+    again for the budget scaled by target / measured (clamped to ``REFINE_CLAMP``) and
+    measured again, at most ``refine`` times. The plan kept is ``_choose``'s."""
+    table, size = _table_for(model, table, batch_size, device, dtype, threads, img_size)
+    shapes = block_shapes(model, size)
+    if len({(s.heads, s.head_dim, s.embed, s.hidden) for s in shapes}) != 1 or shapes[0].head_dim != head_dim:
+        raise TypeError("model: latency targets cover models whose blocks share one shape")
+    if refine > 0:  # the plan will be timed where the table was measured: that device must be here
+        table_device(table, model, device)
+    sites = {n: _Site(n, s, head_dim) for n, s in scores.items()}
+    dense_ms = table.predict(table.dense_widths())
+    budget = target * dense_ms
+    kept, predicted, meta = _fit_budget(model, table, sites, shapes, head_dim, rule["min_keep"], budget)
     if predicted > budget * (1 + 1e-9):
         raise ValueError(f"latency_target: {target} is out of reach on this table; the narrowest plan (with "
                          f"min_keep={rule['min_keep']}) is predicted at {predicted / dense_ms:.3f} of the dense "
                          f"model's {dense_ms:.3f} ms")
+    record = {}
+    if refine > 0:
+        timer = PlanTimer(model, table, size, device)
+        sizes = {n: s.size for n, s in sites.items()}
+        candidates, rounds, asked = [], [], float(target)
+        while True:
+            timed = timer(kept, sizes, head_dim, refine_repeats)
+            share = timed["share"]
+            candidates.append((kept, predicted, meta))
+            rounds.append({"budget_share": asked, "predicted_share": predicted / dense_ms,
+                           "measured_share": share["median"], "measured_iqr": [share["q1"], share["q3"]],
+                           "samples_ms": timed["samples_ms"]})
+            if len(rounds) > refine or abs(share["median"] / target - 1) <= REFINE_TOLERANCE:
+                break
+            factor = min(max(target / share["median"], REFINE_CLAMP[0]), REFINE_CLAMP[1])
+            asked = min(1.0, asked * factor)  # no budget beyond the dense model's
+            kept, predicted, meta = _fit_budget(model, table, sites, shapes, head_dim, rule["min_keep"],
+                                                asked * dense_ms)
+            if predicted > asked * dense_ms * (1 + 1e-9):  # the scaled budget is out of the table's reach
+                rounds.append({"budget_share": asked, "predicted_share": predicted / dense_ms, "unreachable": True})
+                break
+        measured = [r for r in rounds if "measured_share" in r]
+        best = _choose(measured, target, REFINE_TOLERANCE)
+        kept, predicted, meta = candidates[best]
+        record = {"measured_share": measured[best]["measured_share"], "measured_iqr": measured[best]["measured_iqr"],
+                  "chosen_round": rounds.index(measured[best]), "rounds": rounds,
+                  "refine_tolerance": REFINE_TOLERANCE, "refine_repeats": refine_repeats,
+                  "measured_on": str(timer.device)}
     path = cache_path(table.key)
     rule.update(latency_target=float(target), latency={
         "predicted_ms": predicted, "dense_ms": dense_ms, "predicted_share": predicted / dense_ms,
@@ -250,5 +318,5 @@ def fit_latency(model: nn.Module, scores: Dict[str, torch.Tensor], head_dim: int
         "device_type": table.key.get("device_type"), "dtype": table.key.get("dtype"),
         "threads": table.key.get("threads"), "img_size": list(size), "v_layout": DEFAULT_V_LAYOUT,
         "table_key": table.key, "table_file": str(path) if os.path.exists(path) else None,
-        "block_ms": table.block_ms(model_widths(meta))})
+        "block_ms": table.block_ms(model_widths(meta)), "refine": refine, **record})
     return kept

@@ -21,7 +21,7 @@ from ._profile import profile
 from ._macs import MacCounter
 from ._prune import prune, structure_copy
 from ._latency import check_device
-from ._latency_plan import fit_latency
+from ._latency_plan import DEFAULT_REFINE, DEFAULT_REFINE_REPEATS, fit_latency
 
 __all__ = ["plan", "check_plan_args", "plan_macs", "DEFAULT_ROUND_TO"]
 
@@ -84,7 +84,7 @@ def _adjust(count: int, size: int, round_to: int, min_keep: int) -> int:
 def check_plan_args(ratio: Optional[float] = None, *, scope: str = "global",
                     flops_target: Optional[float] = None, round_to: int = DEFAULT_ROUND_TO,
                     min_keep: int = 0, latency_target: Optional[float] = None, batch_size: int = 8,
-                    device=None) -> None:
+                    device=None, refine: Optional[int] = None, refine_repeats: Optional[int] = None) -> None:
     """The rule of ``plan``'s arguments, checked without a model: a ``ValueError`` whose
     message starts with the name of the argument at fault. ``plan`` calls it first; a
     command calls it before any work, so that a long job never fails at its pruning step
@@ -106,6 +106,18 @@ def check_plan_args(ratio: Optional[float] = None, *, scope: str = "global",
             raise ValueError("scope: latency_target ranks dims globally; use scope='global'")
         if device is not None:
             check_device(device)
+        if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int) or refine < 0):
+            raise ValueError(f"refine: expected an integer >= 0 (rounds of measure-and-replan; 0: the table's "
+                             f"plan alone), got {refine!r}")
+        if refine_repeats is not None and (isinstance(refine_repeats, bool) or not isinstance(refine_repeats, int)
+                                           or refine_repeats < 1):
+            raise ValueError(f"refine_repeats: expected an integer >= 1 (timed rounds per measurement), "
+                             f"got {refine_repeats!r}")
+    else:
+        given = [n for n, v in (("refine", refine), ("refine_repeats", refine_repeats)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]}: measures a latency plan; give it only with latency_target, not with "
+                             f"{targets[0]}")
     if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
         raise ValueError(f"ratio: expected a share of dims to remove in [0, 1), got {ratio!r}")
     if flops_target is not None and not (isinstance(flops_target, (int, float)) and 0.0 < flops_target <= 1.0):
@@ -124,7 +136,8 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
          flops_target: Optional[float] = None, round_to: int = DEFAULT_ROUND_TO, min_keep: int = 0,
          img_size=None, scores: Optional[Dict[str, torch.Tensor]] = None,
          latency_target: Optional[float] = None, batch_size: int = 8, device=None, dtype=None,
-         threads: Optional[int] = None, table=None) -> PruningPlan:
+         threads: Optional[int] = None, table=None, refine: Optional[int] = None,
+         refine_repeats: Optional[int] = None) -> PruningPlan:
     """Decide which gated dimensions to keep, from the gate magnitudes ``|a|``.
 
     Exactly one of:
@@ -141,6 +154,20 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
                     where time drops (``round_to`` is not used); ``plan.rule["latency"]``
                     records the predicted ms, its share of the dense model's, and the table.
                     A model family the table does not cover is a ``TypeError``.
+      refine        (latency_target only; default 1) rounds of measure-and-replan: the
+                    table's plan is timed whole against the dense model where the table was
+                    measured (its device, dtype, threads, batch and image size; random
+                    weights; interleaved rounds, the share paired per round); while the
+                    measured share misses the target by more than 2 %, the plan is made again
+                    for the budget scaled by target / measured (by at most 0.8-1.25x a round)
+                    and timed again, at most ``refine`` times. The plan kept is the one
+                    measured closest to the target among those at most 2 % above it (else the
+                    fastest); ``plan.rule["latency"]`` adds ``measured_share``, its
+                    ``measured_iqr`` and every round. Why: the table's sum of parts misses
+                    uneven plans by a few % (mostly too optimistic). 0: the table's plan
+                    alone, nothing timed. With ``table=`` and refine > 0 the table's device
+                    must be on this machine (a ``ValueError`` naming ``table`` otherwise).
+      refine_repeats  (latency_target only; default 7) paired timed rounds per measurement.
     Then per gate: at least ``min_keep`` dims are kept (default 0: a gate may vanish, which
     removes a head or turns a branch into a constant), and a non-zero kept count is rounded
     up to a multiple of ``round_to`` (default 8: widths GEMMs run fast with; 1: the paper's exact
@@ -155,7 +182,8 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     found = require_gates(model)
     check_supported(model)
     check_plan_args(ratio, scope=scope, flops_target=flops_target, round_to=round_to,
-                    min_keep=min_keep, latency_target=latency_target, batch_size=batch_size, device=device)
+                    min_keep=min_keep, latency_target=latency_target, batch_size=batch_size, device=device,
+                    refine=refine, refine_repeats=refine_repeats)
 
     if any(g.is_meta for g in found.values()):
         raise ValueError("plan: the gates are on the meta device; a plan needs their values")
@@ -175,7 +203,9 @@ def plan(model: nn.Module, ratio: Optional[float] = None, *, scope: str = "globa
     if latency_target is not None:
         del rule["round_to"]  # widths come from the latency table's grid
         kept = fit_latency(model, scores, head_dim, latency_target, rule, batch_size=batch_size, device=device,
-                           dtype=dtype, threads=threads, img_size=img_size, table=table)
+                           dtype=dtype, threads=threads, img_size=img_size, table=table,
+                           refine=DEFAULT_REFINE if refine is None else refine,
+                           refine_repeats=DEFAULT_REFINE_REPEATS if refine_repeats is None else refine_repeats)
         return PruningPlan(kept=kept, sizes=sizes, head_dim=head_dim, rule=rule)
 
     qk_heads = _qk_heads(model, names)

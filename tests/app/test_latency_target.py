@@ -39,7 +39,12 @@ def test_prune_to_a_latency_target_then_eval_measures_it(sparse_dir, data_dir, t
     plan = vtp.PruningPlan.load(str(tmp_path / "p" / "plan.json"))
     lat = plan.rule["latency"]
     assert plan.rule["latency_target"] == target and lat["batch_size"] == 2 and lat["device_type"] == "cpu"
-    assert lat["predicted_ms"] <= target * lat["dense_ms"] * (1 + 1e-9)
+    # the table's plan (round 0) fits its prediction; one round of measure-and-replan (the
+    # default) may then move the budget by what the model measured, here, on this CPU
+    assert lat["refine"] == 1 and 1 <= len(lat["rounds"]) <= 2
+    assert lat["rounds"][0]["predicted_share"] <= target * (1 + 1e-9) and lat["rounds"][0]["budget_share"] == target
+    assert lat["measured_share"] == lat["rounds"][lat["chosen_round"]]["measured_share"] > 0
+    assert "prune: measured" in said and "of the dense model's latency" in said
     assert lat["table_key"] == table.key and lat["table_file"]  # the cached table, not a second measurement
     pruned = vtp.load(tmp_path / "p" / "model")
     table = vtp.LatencyTable.from_dict(json.loads(open(lat["table_file"]).read()))
@@ -53,6 +58,17 @@ def test_prune_to_a_latency_target_then_eval_measures_it(sparse_dir, data_dir, t
     assert result["batch_size"] == 2 and result["predicted_ms"] == pytest.approx(lat["predicted_ms"])
     assert result["measured_ms"] > 0 and result["repeats"] >= 5 and len(result["samples_ms"]) == result["repeats"]
     assert result["measured_over_predicted"] == pytest.approx(result["measured_ms"] / result["predicted_ms"])
+    assert result["planned_measured_share"] == lat["measured_share"] and "the plan measured" in said
+
+
+def test_latency_refine_0_plans_from_the_table_alone(sparse_dir, tmp_path, monkeypatch, capsys):
+    import vtp._latency_plan as latency_plan
+    monkeypatch.setenv("VTP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(latency_plan, "PlanTimer", lambda *a: pytest.fail("timed a plan with --latency-refine 0"))
+    assert cli.main(["prune", str(sparse_dir), "--latency-target", "1.0", "--latency-batch-size", "1",
+                     "--latency-refine", "0", "--output", str(tmp_path / "p")]) == 0
+    lat = vtp.PruningPlan.load(str(tmp_path / "p" / "plan.json")).rule["latency"]
+    assert lat["refine"] == 0 and "measured_share" not in lat and "prune: measured" not in capsys.readouterr().out
 
 
 def test_a_model_pruned_without_a_latency_target_has_no_latency_record(sparse_dir, data_dir, tmp_path):
@@ -68,6 +84,8 @@ def test_a_model_pruned_without_a_latency_target_has_no_latency_record(sparse_di
     (["--flops-target", "0.5"], "--flops-target and --latency-target"),
     (["--latency-batch-size", "0"], "--latency-batch-size"),
     (["--device", "cuda"], "cuda"),
+    (["--latency-refine", "-1"], "--latency-refine"),
+    (["--latency-refine", "1.5"], "--latency-refine"),
 ])
 def test_latency_flags_errors_name_the_flags_before_any_work(sparse_dir, tmp_path, capsys, extra, message,
                                                             monkeypatch):
@@ -76,9 +94,22 @@ def test_latency_flags_errors_name_the_flags_before_any_work(sparse_dir, tmp_pat
     if "cuda" in extra and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.setattr(latency, "_measure", lambda *a: pytest.fail("measured before checking the flags"))
-    code = 2 if extra[0] == "--latency-batch-size" else 1
+    code = 2 if extra[0] in ("--latency-batch-size", "--latency-refine") else 1
     err = cli_error(capsys, ["prune", str(sparse_dir), "--latency-target", "0.5", *extra,
                              "--output", str(tmp_path / "p")], code=code)
+    assert message in err
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ratio", "0.3"], "--latency-refine 2: measures a latency plan; give it only with --latency-target, "
+                         "not with --ratio"),
+    (["--flops-target", "0.5"], "--latency-refine 2: measures a latency plan; give it only with --latency-target, "
+                                "not with --flops-target"),
+])
+def test_latency_refine_without_a_latency_target_is_a_flag_error(sparse_dir, tmp_path, capsys, extra, message):
+    err = cli_error(capsys, ["prune", str(sparse_dir), *extra, "--latency-refine", "2",
+                             "--output", str(tmp_path / "p")], code=1)
     assert message in err
     assert not (tmp_path / "p").exists()
 
@@ -93,6 +124,8 @@ def test_help_explains_the_latency_flags(capsys):
         cli.main(["prune", "--help"])
     text = capsys.readouterr().out
     assert "--latency-target" in text and "--latency-batch-size" in text and "latency table" in text
+    assert "--latency-refine" in text and "measure-and-replan" in text
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
-    assert "--latency-target" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--latency-target" in text and "--latency-refine" in text

@@ -66,7 +66,7 @@ def _pruned_prediction(model, plan, table):
 def test_plan_meets_its_predicted_target(target):
     model = gated(seed=int(target * 100))
     table = synthetic_table(model)
-    plan = vtp.plan(model, latency_target=target, table=table)
+    plan = vtp.plan(model, refine=0, latency_target=target, table=table)
     lat = plan.rule["latency"]
     dense = table.predict(table.dense_widths())
     assert lat["dense_ms"] == pytest.approx(dense)
@@ -84,7 +84,7 @@ def test_plan_meets_its_predicted_target(target):
 def test_widths_land_on_the_table_grid_where_time_drops():
     model = gated(seed=3)
     table = synthetic_table(model, step_hidden=16)
-    plan = vtp.plan(model, latency_target=0.6, table=table)
+    plan = vtp.plan(model, refine=0, latency_target=0.6, table=table)
     embed_grid = set(range(0, 65, 8))
     head_dim = plan.head_dim
     for i in range(3):
@@ -100,7 +100,7 @@ def test_the_lowest_scores_go_first_and_a_worthless_branch_goes_whole():
     with torch.no_grad():  # block 1's hidden features are worth nothing
         vtp.gates(model)["blocks.1.mlp_hidden"].mul_(1e-6)
     table = synthetic_table(model)
-    plan = vtp.plan(model, latency_target=0.8, table=table)
+    plan = vtp.plan(model, refine=0, latency_target=0.8, table=table)
     assert plan.kept_count(1, "mlp_hidden") < plan.kept_count(0, "mlp_hidden")
     for name, kept in plan.kept.items():  # within a gate (a head), the kept dims are its best-scoring ones
         scores = vtp.gates(model)[name].detach().abs()
@@ -115,7 +115,7 @@ def test_the_lowest_scores_go_first_and_a_worthless_branch_goes_whole():
 
 def test_plan_json_round_trip_keeps_the_latency_record(tmp_path):
     model = gated(seed=7)
-    plan = vtp.plan(model, latency_target=0.5, table=synthetic_table(model))
+    plan = vtp.plan(model, refine=0, latency_target=0.5, table=synthetic_table(model))
     plan.save(str(tmp_path / "plan.json"))
     back = vtp.PruningPlan.load(str(tmp_path / "plan.json"))
     assert back.kept == plan.kept and back.rule == plan.rule
@@ -137,7 +137,7 @@ def reachable(table, share):
 def test_a_measured_table_plan_fits_and_is_cached(measured, tmp_path, monkeypatch):
     model = gated(seed=9)
     target = reachable(measured, 0.6)
-    plan = vtp.plan(model, latency_target=target, batch_size=1, table=measured)
+    plan = vtp.plan(model, refine=0, latency_target=target, batch_size=1, table=measured)
     lat = plan.rule["latency"]
     assert lat["predicted_ms"] <= target * measured.predict(measured.dense_widths()) * (1 + 1e-9)
     assert lat["predicted_ms"] == pytest.approx(_pruned_prediction(model, plan, measured))
@@ -147,8 +147,8 @@ def test_a_measured_table_plan_fits_and_is_cached(measured, tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(latency, "_measure", lambda m, key, *a: calls.append(key) or
                         LatencyTable.from_dict({**measured.to_dict(), "key": key}))
-    first = vtp.plan(model, latency_target=target, batch_size=1, threads=1)
-    again = vtp.plan(model, latency_target=target, batch_size=1, threads=1)
+    first = vtp.plan(model, refine=0, latency_target=target, batch_size=1, threads=1)
+    again = vtp.plan(model, refine=0, latency_target=target, batch_size=1, threads=1)
     assert len(calls) == 1 and first.kept == again.kept
     assert first.rule["latency"]["table_file"] == str(latency.cache_path(calls[0]))
     assert calls[0]["batch_size"] == 1 and calls[0]["device_type"] == "cpu"
@@ -177,19 +177,19 @@ def test_a_table_that_does_not_fit_the_call_is_refused():
     model = gated()
     table = synthetic_table(model, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
-        vtp.plan(model, latency_target=0.5, table=table)  # planned for batch 8
+        vtp.plan(model, refine=0, latency_target=0.5, table=table)  # planned for batch 8
     with pytest.raises(ValueError, match="dtype"):
-        vtp.plan(model, latency_target=0.5, batch_size=4, table=table, dtype="bfloat16")
+        vtp.plan(model, refine=0, latency_target=0.5, batch_size=4, table=table, dtype="bfloat16")
     with pytest.raises(ValueError, match="table"):
-        vtp.plan(gated(depth=2), latency_target=0.5, batch_size=4, table=table)
+        vtp.plan(gated(depth=2), refine=0, latency_target=0.5, batch_size=4, table=table)
     with pytest.raises(ValueError, match="table"):
-        vtp.plan(model, latency_target=0.5, table={"not": "a table"})
+        vtp.plan(model, refine=0, latency_target=0.5, table={"not": "a table"})
 
 
 def test_an_unreachable_target_says_so():
     model = gated()
     with pytest.raises(ValueError, match="latency_target"):  # the fixed parts alone cost 1 of 20 ms
-        vtp.plan(model, latency_target=0.01, min_keep=64, table=synthetic_table(model))
+        vtp.plan(model, refine=0, latency_target=0.01, min_keep=64, table=synthetic_table(model))
 
 
 def test_a_family_the_table_does_not_cover_is_its_type_error(monkeypatch):

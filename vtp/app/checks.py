@@ -165,11 +165,12 @@ def check_prune(p: PruneSettings) -> None:
     check_plan_file(p.plan)
 
 
-_PLAN_ARGS = ("flops_target", "latency_target", "batch_size", "round_to", "min_keep", "ratio", "scope")
+_PLAN_ARGS = ("flops_target", "latency_target", "batch_size", "refine", "round_to", "min_keep", "ratio", "scope")
+_LATENCY_FLAGS = {"batch_size": "--latency-batch-size", "refine": "--latency-refine"}
 
 
 def _plan_flag(key: str) -> str:
-    return "--latency-batch-size" if key == "batch_size" else _flag(key)
+    return _LATENCY_FLAGS.get(key) or _flag(key)
 
 
 def check_plan_flags(plan_args: Dict[str, Any]) -> None:

@@ -309,6 +309,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--latency-batch-size", type=positive_int, default=8,
                        help="the batch size the latency table is measured and the plan predicted at "
                             "(with --latency-target); vtp eval times the pruned model at it")
+    group.add_argument("--latency-refine", type=_non_negative_int, default=None,
+                       help="rounds of measure-and-replan (with --latency-target; default 1): the "
+                            "table's plan is timed whole against the dense model where the table was "
+                            "measured (paired interleaved rounds) and, if its measured share misses the "
+                            "target by more than 2 %%, planned again for the budget scaled by target / "
+                            "measured; the table's sum of parts misses uneven plans by a few %%. 0: the "
+                            "table's prediction alone")
     group.add_argument("--round-to", type=positive_int, default=DEFAULT_ROUND_TO,
                        help="round kept counts up to a multiple of this: widths the GEMMs run "
                             "fast with (see the README's CPU figures); 1 keeps the paper's exact counts")

@@ -129,6 +129,7 @@ class PruneSettings:
     flops_target: Optional[float] = None
     latency_target: Optional[float] = None
     latency_batch_size: int = 8
+    latency_refine: Optional[int] = None   # None: vtp.plan's default (1) with a latency target
     round_to: int = DEFAULT_ROUND_TO
     min_keep: int = 0
     fold: bool = True
@@ -151,11 +152,14 @@ class PruneSettings:
     def plan_args(self) -> Dict[str, Any]:
         """vtp.plan's arguments: --ratio is ignored once --flops-target is given; given with
         --latency-target it goes along, for vtp.check_plan_args to refuse the pair. The latency
-        arguments only with --latency-target (the table's device and dtype are the command's)."""
+        arguments only with --latency-target (the table's device and dtype are the command's),
+        but --latency-refine whenever given, for vtp.check_plan_args to refuse it without one."""
         args = dict(ratio=self.effective_ratio, scope=self.scope, flops_target=self.flops_target,
                     round_to=self.round_to, min_keep=self.min_keep)
         if self.latency_target is not None:
             args.update(latency_target=self.latency_target, batch_size=self.latency_batch_size)
+        if self.latency_refine is not None:  # without --latency-target too: check_plan_args refuses it
+            args.update(refine=self.latency_refine)
         return args
 
 

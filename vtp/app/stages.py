@@ -329,6 +329,10 @@ def stage_prune(s: StageSettings, ctx: Context, source: str, out_dir: str) -> Di
         lat = summary["latency"]
         ctx.say(f"prune: predicted latency {lat['predicted_ms']:.2f} ms at batch {lat['batch_size']} "
                 f"({lat['predicted_share']:.3f} of the dense model's {lat['dense_ms']:.2f} ms) on {lat['device']}")
+        if lat.get("measured_share") is not None:
+            q1, q3 = lat["measured_iqr"]
+            ctx.say(f"prune: measured {lat['measured_share']:.3f} of the dense model's latency (IQR {q1:.3f}-{q3:.3f}; "
+                    f"target {p.latency_target:g}; the plan of round {lat['chosen_round']} kept, 0 being the table's)")
     ctx.say(f"prune: {_human(before.params)}-> {_human(after.params)}params, "
             f"{_human(before.macs)}-> {_human(after.macs)}MACs; wrote {out_dir}")
     return summary
@@ -449,7 +453,8 @@ def _measured_latency(s: StageSettings, ctx: Context, runner, planned: Dict[str,
             "measured_over_predicted": measured / planned["predicted_ms"], "repeats": len(seconds),
             "samples_ms": [1e3 * t for t in seconds], "device": str(ctx.info.device),
             "table_device": planned.get("device"), "dtype": planned.get("dtype"),
-            "predicted_share": planned.get("predicted_share")}
+            "predicted_share": planned.get("predicted_share"),
+            "planned_measured_share": planned.get("measured_share")}
 
 
 def stage_eval(s: StageSettings, ctx: Context, model, metadata: Dict[str, Any], out_dir: str,
@@ -492,6 +497,9 @@ def stage_eval(s: StageSettings, ctx: Context, model, metadata: Dict[str, Any], 
             ctx.say(f"eval {name}: latency at batch {lat['batch_size']}: measured {lat['measured_ms']:.2f} ms "
                     f"(median of {lat['repeats']}), predicted {lat['predicted_ms']:.2f} ms by the plan's table "
                     f"({lat['measured_over_predicted']:.3f} of it)")
+            if lat.get("planned_measured_share") is not None:
+                ctx.say(f"eval {name}: the plan measured {lat['planned_measured_share']:.3f} of the dense model's "
+                        f"latency where its table was measured (predicted {lat['predicted_share']:.3f})")
     distributed.barrier(ctx.info)
     model.to("cpu")
     for other in (timed_with or {}).values():
