@@ -16,10 +16,15 @@ def models():
     randomize_gates(gated)
     plan = vtp.plan(gated, ratio=0.5)
     pruned = vtp.prune(gated, plan).eval()
-    return {"gated": gated.eval(), "pruned": pruned}
+    # queries and keys pruned too: attention pads q/k and runs V at each block's own width
+    gated_qk = vtp.add_gates(make_vit("layer_scale", dtype=torch.float32), sites=vtp.ALL_SITES)
+    randomize_gates(gated_qk)
+    pruned_qk = vtp.prune(gated_qk, vtp.plan(gated_qk, ratio=0.5, round_to=4)).eval()
+    assert any(b.attn.v_head_width < b.attn.head_dim for b in pruned_qk.blocks)
+    return {"gated": gated.eval(), "pruned": pruned, "pruned_qk": pruned_qk}
 
 
-@pytest.mark.parametrize("kind", ["gated", "pruned"])
+@pytest.mark.parametrize("kind", ["gated", "pruned", "pruned_qk"])
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_round_trips(models, kind, fmt, tmp_path):
     model = models[kind]
