@@ -28,9 +28,9 @@ __all__ = ["Profile", "profile", "num_tokens", "input_channels", "default_img_si
 @dataclass(frozen=True)
 class Profile:
     """``macs`` counts the kept dimensions (what a plan and the literature count);
-    ``executed_macs`` also the zeros a layout computes with (padded value rows, and values
-    padded to the head width inside attention, as the PyTorch path runs it; zero query and
-    key slots that give every head of a block one QK width)."""
+    ``executed_macs`` also the zeros a layout computes with (padded value rows; q, k and v
+    padded to the block's attention width inside attention, as the PyTorch path runs it;
+    zero query and key slots that give every head of a block one QK width)."""
     params: int
     macs: int
     img_size: Tuple[int, int]
