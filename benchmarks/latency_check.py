@@ -11,8 +11,9 @@ interleaved with the dense model (a warm-up, then ``--repeats`` rounds of dense 
 turns, medians). Two errors per plan: of the predicted latency against the measured one
 (``error``), and of the predicted speed ratio pruned/dense against the measured ratio
 (``ratio_error``, which cancels a machine that got faster or slower since the table was
-measured). The measured ratio is also taken paired (``paired_ratio``: the median over rounds
-of pruned / dense of the same round, with its quartiles), which cancels the machine's drift
+measured). The measured ratio is also taken paired (``paired_ratio``, by the planner's own
+``paired_share``: the median over rounds of pruned / dense of the same round, with its
+quartiles), which cancels the machine's drift
 within the run too; the summary's ratio errors are those of the paired ratio
 (``paired_ratio_error``), the errors of the ratio of medians kept beside them. Writes ``latency_check_<device>.json`` (every raw time) and two pictures:
 the table's staircase and the first plan's predicted per-block latency.
@@ -71,15 +72,6 @@ def _model(args):
     return timm.create_model(args.model, pretrained=False)
 
 
-def paired_ratio(times, dense):
-    """The model's time over the dense model's, round by round (both timed in the same
-    round): median and quartiles. A drift of the machine moves both times of a round, so
-    it cancels here, where a ratio of two medians keeps it."""
-    shares = [t / d for t, d in zip(times, dense)]
-    q = statistics.quantiles(shares, n=4) if len(shares) > 1 else [shares[0]] * 3
-    return {"median": statistics.median(shares), "q1": q[0], "q3": q[2]}
-
-
 def _time_pair(torch, dense, pruned, images, repeats):
     """ms samples of the dense and the pruned model, timed in turns after one warm-up each."""
     samples = {"dense": [], "pruned": []}
@@ -99,6 +91,7 @@ def main(argv=None):
     args = _parse(argv)
     import torch
     import vtp
+    from vtp._latency_measure import paired_share
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -126,7 +119,7 @@ def main(argv=None):
         measured = {k: statistics.median(v) for k, v in samples.items()}
         predicted_ratio = predicted / table.dense_ms
         measured_ratio = measured["pruned"] / measured["dense"]
-        paired = paired_ratio(samples["pruned"], samples["dense"])
+        paired = paired_share(samples["pruned"], samples["dense"])
         plans.append({"ratio": ratio, "round_to": round_to, "widths": [w.to_dict() for w in widths],
                       "predicted_ms": predicted, "measured_ms": measured["pruned"],
                       "dense_measured_ms": measured["dense"], "samples_ms": samples,

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 
 import vtp  # noqa: E402
 from bench_pruned_cpu import build, random_gates, summarise, time_group, uniform_model  # noqa: E402
-from latency_check import SMOKE_TARGET, paired_ratio as per_round_shares  # noqa: E402
+from latency_check import SMOKE_TARGET  # noqa: E402
+from vtp._latency_measure import paired_share as per_round_shares  # noqa: E402
 
 MODELS = ("deit_small_patch16_224", "deit_base_patch16_224")
 TOLERANCE = 0.05  # the goal: measured share within +-5 % of the target
