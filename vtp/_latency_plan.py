@@ -26,7 +26,7 @@ from ._latency import block_shapes, cache_path, latency_table, model_widths
 from ._latency_measure import PlanTimer, table_device
 from ._profile import default_img_size, size_pair
 from ._prune import DEFAULT_V_LAYOUT, prune, structure_copy
-from .latency_model import BlockWidths, LatencyTable
+from .latency_model import BlockWidths, LatencyTable, values_run
 from .pruning_plan import PruningPlan
 
 __all__ = ["fit_latency", "REFINE_TOLERANCE", "REFINE_CLAMP", "DEFAULT_REFINE", "DEFAULT_REFINE_REPEATS"]
@@ -91,9 +91,8 @@ class _Planner:
         mlp = (s["mlp_in"], s["mlp_hidden"]) if s["mlp_in"] > 0 and s["mlp_hidden"] > 0 else (0, 0)
         if s["attn_in"] == 0 or not live:
             return BlockWidths(0, (), (), (), *mlp)
-        n = len(live)
-        return BlockWidths(s["attn_in"], (s["attn_qk"],) * n, (max(max(live), s["attn_qk"]),) * n, tuple(live),
-                           *mlp)
+        return BlockWidths(s["attn_in"], (s["attn_qk"],) * len(live),
+                           values_run(DEFAULT_V_LAYOUT, s["attn_qk"], tuple(live)), tuple(live), *mlp)
 
     def predict(self) -> float:
         return self.table.predict([self.widths(b) for b in range(len(self.state))], check=False)

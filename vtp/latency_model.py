@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["FORMAT", "BlockShape", "BlockWidths", "Curve", "Grid2", "ShapeTable", "LatencyTable",
-           "LATENCY_SITES"]
+           "LATENCY_SITES", "values_run"]
 
 FORMAT = 2  # bump when what a table file holds changes: an older file is then re-measured
 # (2: attention at unequal q/k and value widths timed padded to one width, as it runs)
@@ -479,7 +479,7 @@ def _with_width(b: BlockWidths, site: str, width: int) -> BlockWidths:
     if site == "attn_qk":  # no query/key width left: the attention branch is a constant
         if not width:
             return BlockWidths(0, (), (), (), b.mlp_in, b.mlp_hidden)
-        return replace(b, qk_widths=(width,) * b.heads, v_widths=_values_run(b.v_layout, width, b.v_kept))
+        return replace(b, qk_widths=(width,) * b.heads, v_widths=values_run(b.v_layout, width, b.v_kept))
     kept, drop = list(b.v_kept), b.proj_in - width  # attn_out: off the last heads first
     for h in range(len(kept) - 1, -1, -1):
         take = min(kept[h], drop)
@@ -488,11 +488,11 @@ def _with_width(b: BlockWidths, site: str, width: int) -> BlockWidths:
     live = [h for h, k in enumerate(kept) if k > 0]  # a head left with no value goes, Q and K with it
     kept = tuple(kept[h] for h in live)
     qk = max(b.qk_widths, default=0)
-    return replace(b, qk_widths=tuple(b.qk_widths[h] for h in live), v_widths=_values_run(b.v_layout, qk, kept),
+    return replace(b, qk_widths=tuple(b.qk_widths[h] for h in live), v_widths=values_run(b.v_layout, qk, kept),
                    v_kept=kept)
 
 
-def _values_run(layout: str, qk: int, kept: Tuple[int, ...]) -> Tuple[int, ...]:
+def values_run(layout: str, qk: int, kept: Tuple[int, ...]) -> Tuple[int, ...]:
     """Each head's value width in attention as ``vtp.prune`` lays it out: a padded V at the
     block's attention width (the wider of the query/key width and the widest kept values),
     a packed one padded to its widest head inside attention."""
